@@ -1,0 +1,185 @@
+"""The LoRA-MoE layer: a frozen linear map plus a routed mixture of LoRA experts of heterogeneous ranks.
+
+Specification: METHODS.md §2. The experts are stored *packed*: ``lora_A.weight`` is ``A_cat = [A_1; …; A_E]``
+(R × d_in) and ``lora_B.weight`` is ``B_cat = [B_1 … B_E]`` (d_out × R) with ``R = Σ r_i``, so a forward is
+two GEMMs like a single LoRA of rank R, whatever the number of experts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCALINGS = ("lora", "rslora")
+
+
+def linear_dims(base: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an ``nn.Linear`` or a transformers GPT-2 ``Conv1D`` (weight stored d_in × d_out)."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if type(base).__name__ == "Conv1D" and hasattr(base, "nf"):
+        return base.weight.shape[0], base.nf
+    raise TypeError(f"{type(base).__name__} is not a linear layer (nn.Linear or transformers Conv1D)")
+
+
+@dataclass
+class RouterStats:
+    """What the balance loss and the routing statistics need from the last forward.
+
+    ``logits``: (..., E + M) router logits (float32, in the autograd graph); ``selected``: (..., E + M) bool,
+    the experts (real and null) each token was routed to.
+    """
+
+    logits: torch.Tensor
+    selected: torch.Tensor
+
+
+class LoraMoELinear(nn.Module):
+    """``y = W0 x + b + Σ_{i∈S(x)} ĝ_i(x) · s_i · B_i A_i x̃``, with ``x̃ = dropout(x)`` and ``s_i = α/r_i``.
+
+    ``S(x)`` and ``ĝ`` come from a bias-free router ``G`` (``softmax(G x̃)``, float32): top-k renormalised
+    (default), top-p capped at ``max_k`` (``top_p`` set), with ``num_null`` AdaMoE zero-output experts
+    appended to the softmax. One expert (``E = 1``, no null experts) is plain LoRA with no router.
+
+    Args:
+        base: the frozen ``nn.Linear`` or ``Conv1D``; it is kept as ``base_layer`` and not modified.
+        ranks: the rank ``r_i ≥ 1`` of each expert.
+        top_k: experts per token (counting null experts), at most ``E + num_null``.
+        alpha: LoRA scale numerator. ``scaling="rslora"`` uses ``α/√r_i``.
+        dropout: dropout probability on the adapter input (one mask shared by the router and all experts).
+        top_p: if set, route to the smallest set of experts whose probability mass reaches ``top_p``.
+        max_k: cap on that set (default: all experts).
+        num_null: AdaMoE null experts.
+        adapter_dtype: dtype of the adapter weights (default: the base weight's dtype).
+    """
+
+    def __init__(self, base: nn.Module, ranks: list[int], top_k: int = 2, alpha: float = 16.0,
+                 dropout: float = 0.0, scaling: str = "lora", top_p: float | None = None,
+                 max_k: int | None = None, num_null: int = 0, adapter_dtype: torch.dtype | None = None):
+        super().__init__()
+        if not ranks or any(int(r) < 1 for r in ranks):
+            raise ValueError(f"expert ranks must be a non-empty list of integers >= 1, got {ranks}")
+        if scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+        self.base_layer = base
+        self.d_in, self.d_out = linear_dims(base)
+        self.ranks = [int(r) for r in ranks]
+        self.num_experts = len(self.ranks)
+        self.num_null = int(num_null)
+        self.num_slots = self.num_experts + self.num_null
+        self.top_k = min(int(top_k), self.num_slots)
+        self.top_p = top_p
+        self.max_k = min(max_k or self.num_slots, self.num_slots)
+        self.alpha = float(alpha)
+        self.scaling = scaling
+        self.disabled = False
+        self.last_stats: RouterStats | None = None
+
+        weight = base.weight
+        factory = dict(device=weight.device, dtype=adapter_dtype or weight.dtype)
+        rank_total = sum(self.ranks)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(self.d_in, rank_total, bias=False, **factory)
+        self.lora_B = nn.Linear(rank_total, self.d_out, bias=False, **factory)
+        self.router = nn.Linear(self.d_in, self.num_slots, bias=False, device=weight.device,
+                                dtype=torch.float32) if self.routed else None
+
+        scales = [alpha / (r if scaling == "lora" else math.sqrt(r)) for r in self.ranks]
+        owner = torch.repeat_interleave(torch.arange(self.num_experts), torch.tensor(self.ranks))
+        # c(j): the expert that owns rank column j, and s_{c(j)}, the scale of that column.
+        self.register_buffer("column_expert", owner.to(weight.device), persistent=False)
+        self.register_buffer("column_scale", torch.tensor(scales, dtype=torch.float32)[owner].to(weight.device),
+                             persistent=False)
+        self.reset_parameters()
+
+    @property
+    def routed(self) -> bool:
+        """Whether the layer has a router (more than one expert, or null experts)."""
+        return self.num_slots > 1
+
+    def reset_parameters(self) -> None:
+        """A_i Kaiming-uniform (a=√5) as LoRA, B_i = 0 so the adapted layer starts equal to the base, G like A."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        if self.router is not None:
+            nn.init.kaiming_uniform_(self.router.weight, a=math.sqrt(5))
+
+    def expert_slices(self) -> list[slice]:
+        """Rank-column slice of each expert in the packed ``lora_A``/``lora_B``."""
+        bounds = [0]
+        for r in self.ranks:
+            bounds.append(bounds[-1] + r)
+        return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits (…, E+M), selection mask (…, E+M) and renormalised real-expert gates ĝ (…, E)."""
+        logits = self.router(x.to(self.router.weight.dtype))  # float32 unless the user casts it
+        if self.top_p is None:
+            top_logits, top_idx = logits.topk(self.top_k, dim=-1)
+            selected = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top_idx, True)
+        else:
+            probs = logits.softmax(-1)
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            mass_before = sorted_p.cumsum(-1) - sorted_p
+            keep = (mass_before < self.top_p)
+            keep[..., self.max_k:] = False
+            selected = torch.zeros_like(keep).scatter_(-1, order, keep)
+        # Renormalising p over a selected set S equals a softmax of the logits restricted to S (real experts).
+        real = selected[..., :self.num_experts]
+        masked = logits[..., :self.num_experts].masked_fill(~real, float("-inf"))
+        gates = masked.softmax(-1).nan_to_num(0.0)  # a token routed to null experts only gets all-zero gates
+        return logits, selected, gates
+
+    def column_gates(self, x: torch.Tensor) -> torch.Tensor:
+        """``ĝ_{c(j)} · s_{c(j)}`` for every rank column j: (…, R), or (R,) when there is no router."""
+        if not self.routed:
+            self.last_stats = None
+            return self.column_scale
+        logits, selected, gates = self.route(x)
+        self.last_stats = RouterStats(logits, selected)
+        return gates.index_select(-1, self.column_expert) * self.column_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.disabled:
+            return y
+        x = self.dropout(x)
+        h = self.lora_A(x.to(self.lora_A.weight.dtype))
+        h = h * self.column_gates(x).to(h.dtype)
+        return y + self.lora_B(h).to(y.dtype)
+
+    def balance_loss(self, token_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``L_bal = (E+M) Σ_i f_i P_i`` over the last forward's tokens (``token_mask``: True for real tokens).
+
+        ``f_i`` is the fraction of routing slots given to expert i, ``P_i`` its mean router probability; null
+        experts' ``f`` and ``P`` are replaced by their mean, so only total null usage is balanced (AdaMoE).
+        Returns None when the layer has no router or has not run.
+        """
+        if self.last_stats is None:
+            return None
+        probs = self.last_stats.logits.softmax(-1).flatten(0, -2)
+        chosen = self.last_stats.selected.flatten(0, -2).to(probs.dtype)
+        if token_mask is not None:
+            keep = token_mask.reshape(-1).bool()
+            probs, chosen = probs[keep], chosen[keep]
+        if probs.shape[0] == 0:
+            return None
+        f = chosen.sum(0) / chosen.sum().clamp_min(1.0)
+        p = probs.mean(0)
+        if self.num_null:
+            f, p = _average_nulls(f, self.num_experts), _average_nulls(p, self.num_experts)
+        return self.num_slots * (f * p).sum()
+
+    def extra_repr(self) -> str:
+        routing = f"top_p={self.top_p}, max_k={self.max_k}" if self.top_p is not None else f"top_k={self.top_k}"
+        null = f", num_null={self.num_null}" if self.num_null else ""
+        return f"ranks={self.ranks}, {routing}{null}, alpha={self.alpha}, scaling={self.scaling}"
+
+
+def _average_nulls(values: torch.Tensor, num_real: int) -> torch.Tensor:
+    null = values[num_real:]
+    return torch.cat([values[:num_real], null.mean().expand_as(null)])

@@ -1,0 +1,62 @@
+"""A slow per-expert loop implementation of METHODS.md §2.1, written the way public LoRA-MoE code is
+(MoLA, GuiLoMo, MixLoRA: a Python loop over experts, gathering the tokens routed to each).
+
+It is the oracle the packed layer is tested against and the "per-expert loop" baseline of the benchmarks.
+It reads the weights of a :class:`~moela.layer.LoraMoELinear` and recomputes its adapter output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layer import LoraMoELinear
+
+
+def reference_gates(layer: LoraMoELinear, x: torch.Tensor) -> torch.Tensor:
+    """Renormalised gates ĝ (T × E) by the literal definition: sort, pick, divide."""
+    probs = torch.softmax(layer.router(x.to(layer.router.weight.dtype)), dim=-1)
+    gates = torch.zeros(x.shape[0], layer.num_experts, dtype=probs.dtype, device=x.device)
+    for t in range(x.shape[0]):
+        order = torch.argsort(probs[t], descending=True, stable=True).tolist()
+        if layer.top_p is None:
+            chosen = order[:layer.top_k]
+        else:
+            chosen, mass = [], 0.0
+            for i in order[:layer.max_k]:
+                if mass >= layer.top_p:
+                    break
+                chosen.append(i)
+                mass += probs[t, i].item()
+        real = [i for i in chosen if i < layer.num_experts]
+        if real:
+            total = sum(probs[t, i] for i in real)
+            for i in real:
+                gates[t, i] = probs[t, i] / total
+    return gates
+
+
+def loop_forward(layer: LoraMoELinear, x: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
+    """``W0 x + b + Σ_i ĝ_i s_i B_i A_i x̃``, looping over experts and the tokens routed to each.
+
+    ``gates`` defaults to the cheap top-k routing public code uses (top-p and null experts need
+    :func:`reference_gates`). Dropout must be off (the packed layer draws one mask for all experts).
+    """
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    out = layer.base_layer(x)
+    if gates is None:
+        if layer.router is None:
+            gates = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
+        else:
+            weights, chosen = torch.softmax(layer.router(x.to(layer.router.weight.dtype)), dim=-1).topk(layer.top_k, dim=-1)
+            gates = torch.zeros(x.shape[0], layer.num_slots, dtype=weights.dtype, device=x.device).scatter(
+                -1, chosen, weights / weights.sum(-1, keepdim=True))
+    for i, cols in enumerate(layer.expert_slices()):
+        tokens = torch.nonzero(gates[:, i] > 0).squeeze(-1)
+        if tokens.numel() == 0:
+            continue
+        a, b = layer.lora_A.weight[cols], layer.lora_B.weight[:, cols]
+        scale = layer.alpha / (layer.ranks[i] if layer.scaling == "lora" else layer.ranks[i] ** 0.5)
+        delta = (x[tokens] @ a.T) @ b.T * scale * gates[tokens, i, None].to(x.dtype)
+        out = out.index_add(0, tokens, delta.to(out.dtype))
+    return out.reshape(*shape[:-1], -1)
