@@ -19,7 +19,8 @@ from .io import atomic_write_text
 from .layer import linear_dims
 
 PLAN_FORMAT = "moela-plan/1"
-HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs", "pooler", "embed_out", "output")
+# Output heads and poolers, which "all-linear" leaves out (as PEFT does): any path component among these.
+HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs", "pooler", "embed_out")
 
 
 @dataclass
@@ -211,7 +212,7 @@ def find_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
     linears = [(n, m) for n, m in model.named_modules() if n and is_linear(getattr(m, "base_layer", m))
                and not n.endswith(".base_layer")]
     if targets == "all-linear":
-        chosen = [n for n, _ in linears if n.rsplit(".", 1)[-1] not in HEAD_NAMES]
+        chosen = [n for n, _ in linears if not set(n.split(".")) & set(HEAD_NAMES)]
     elif isinstance(targets, str):
         pattern = re.compile(targets)
         chosen = [n for n, _ in linears if pattern.fullmatch(n)]

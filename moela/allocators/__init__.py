@@ -1,0 +1,41 @@
+"""Allocators: (model, targets, data, budget) → :class:`~moela.plan.AllocationPlan` (METHODS.md §4).
+
+Each method lives in its own module and registers itself here with :func:`register`; users add their own
+the same way. :func:`allocate` is the one entry point.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+
+from ..plan import AllocationPlan
+
+Allocator = Callable[..., AllocationPlan]
+_REGISTRY: dict[str, Allocator] = {}
+
+
+def register(name: str) -> Callable[[Allocator], Allocator]:
+    """Decorator: make ``fn(model, *, targets, budget, data, **options) -> AllocationPlan`` available as
+    ``allocate(name, ...)``."""
+    def wrap(fn: Allocator) -> Allocator:
+        _REGISTRY[name] = fn
+        return fn
+    return wrap
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def allocate(method: str, model: nn.Module, *, targets: Any = "all-linear", budget: int | str | None = None,
+             data: Any = None, **options: Any) -> AllocationPlan:
+    """Run allocator ``method`` on ``model``'s ``targets`` and return its plan (within ±2% of ``budget``
+    when one is given)."""
+    if method not in _REGISTRY:
+        raise ValueError(f"unknown allocation method {method!r}; available: {', '.join(available())}")
+    return _REGISTRY[method](model, targets=targets, budget=budget, data=data, **options)
+
+
+from . import uniform  # noqa: E402,F401  (registers the built-in methods)
