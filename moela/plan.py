@@ -28,10 +28,14 @@ class ModulePlan:
     """Experts of one module: their ranks and the routing (top-k, or top-p capped at max_k; null experts)."""
 
     ranks: list[int]
-    top_k: int = 2
+    top_k: int | None = None  # None: min(2, E + M)
     top_p: float | None = None
     max_k: int | None = None
     num_null: int = 0
+
+    def __post_init__(self):
+        if self.top_k is None and isinstance(self.ranks, (list, tuple)) and isinstance(self.num_null, int):
+            self.top_k = min(2, len(self.ranks) + self.num_null)
 
     @property
     def num_experts(self) -> int:
@@ -157,9 +161,9 @@ class AllocationPlan:
             spec.check(name)
             module = found.get(name)
             if module is None:
-                close = [n for n in found if n.endswith(name.rsplit(".", 1)[-1])][:3]
-                hint = f"; modules of that kind in this model look like {close}" if close else ""
-                raise ValueError(f"plan module {name!r} does not exist in {type(model).__name__}{hint}")
+                examples = [n for n, m in found.items() if is_linear(m)][:4]
+                raise ValueError(f"plan module {name!r} does not exist in {type(model).__name__} (was the plan "
+                                 f"made for another model?); its linear modules look like {examples}")
             base = getattr(module, "base_layer", module)
             try:
                 dims[name] = linear_dims(base)
