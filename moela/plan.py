@@ -34,7 +34,7 @@ class ModulePlan:
     num_null: int = 0
 
     def __post_init__(self):
-        if self.top_k is None and isinstance(self.ranks, (list, tuple)) and isinstance(self.num_null, int):
+        if self.top_k is None and isinstance(self.ranks, list) and _is_int(self.num_null):
             self.top_k = min(2, len(self.ranks) + self.num_null)
 
     @property
@@ -62,17 +62,17 @@ class ModulePlan:
         """Raise ValueError naming ``name`` if this entry is malformed."""
         if not isinstance(self.ranks, list) or not self.ranks:
             raise ValueError(f"plan entry {name!r}: 'ranks' must be a non-empty list of expert ranks")
-        if any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in self.ranks):
+        if any(not _is_int(r) or r < 1 for r in self.ranks):
             raise ValueError(f"plan entry {name!r}: every rank must be an integer >= 1, got {self.ranks}")
-        if not isinstance(self.num_null, int) or self.num_null < 0:
+        if not _is_int(self.num_null) or self.num_null < 0:
             raise ValueError(f"plan entry {name!r}: num_null must be an integer >= 0, got {self.num_null!r}")
         slots = self.num_experts + self.num_null
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 1 <= self.top_k <= slots:
+        if not _is_int(self.top_k) or not 1 <= self.top_k <= slots:
             raise ValueError(f"plan entry {name!r}: top_k={self.top_k!r} must be between 1 and the number of "
                              f"experts ({self.num_experts}{f' + {self.num_null} null' if self.num_null else ''})")
-        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+        if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"plan entry {name!r}: top_p must be in (0, 1], got {self.top_p!r}")
-        if self.max_k is not None and (not isinstance(self.max_k, int) or not 1 <= self.max_k <= slots):
+        if self.max_k is not None and (not _is_int(self.max_k) or not 1 <= self.max_k <= slots):
             raise ValueError(f"plan entry {name!r}: max_k={self.max_k!r} must be between 1 and {slots}")
 
 
@@ -91,23 +91,26 @@ class AllocationPlan:
         if not isinstance(data, Mapping):
             raise ValueError(f"a plan must be a JSON object, got {type(data).__name__}")
         entries = data["modules"] if "modules" in data else data
-        meta = dict(data.get("meta", {})) if "modules" in data else {}
+        meta = data.get("meta", {}) if "modules" in data else {}
+        if not isinstance(meta, Mapping):
+            raise ValueError(f"plan 'meta' must be a JSON object, got {type(meta).__name__}")
         if not isinstance(entries, Mapping) or not entries:
             raise ValueError("a plan must name at least one module")
         modules = {}
-        allowed = {f for f in ModulePlan.__dataclass_fields__}
+        allowed = set(ModulePlan.__dataclass_fields__)
         for name, entry in entries.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"plan module names must be non-empty strings, got {name!r}")
             if not isinstance(entry, Mapping) or "ranks" not in entry:
                 raise ValueError(f"plan entry {name!r}: expected an object with 'ranks', got {entry!r}")
             unknown = set(entry) - allowed
             if unknown:
-                raise ValueError(f"plan entry {name!r}: unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+                raise ValueError(f"plan entry {name!r}: unknown field(s) {sorted(map(str, unknown))}; "
+                                 f"allowed: {sorted(allowed)}")
             spec = ModulePlan(**entry)
-            if isinstance(spec.ranks, tuple):
-                spec.ranks = list(spec.ranks)
             spec.check(name)
             modules[name] = spec
-        return cls(modules, meta)
+        return cls(modules, dict(meta))
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": PLAN_FORMAT, "meta": self.meta,
@@ -246,6 +249,14 @@ def module_type(path: str) -> str:
     modules of the same kind across depth."""
     match = _INDEX.search("." + path)
     return path if match is None else ("." + path)[match.end():] or path
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _json_default(value: Any) -> Any:
