@@ -1,0 +1,559 @@
+"""The ``moela`` command: allocate → train → evaluate → report from one YAML config.
+
+A config has the sections of :data:`DEFAULTS`; a file gives some of them and ``key=value`` arguments (or
+``--set key=value``) override any value, the value read as YAML (``train.epochs=2``,
+``adapter.method=[lora,uniform]``, ``adapter.options={experts: 4}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .io import atomic_write_text
+
+DEFAULTS: dict[str, Any] = {
+    "name": None,                   # run name; the output folder defaults to runs/<name>
+    "output_dir": None,
+    "model": {
+        "name_or_path": None,       # local folder or hub name
+        "task": "auto",             # causal_lm | sequence_classification | auto (from the architecture)
+        "num_labels": None,         # classification: default from the training labels
+        "dtype": "auto",            # auto | float32 | bfloat16 | float16
+    },
+    "data": {
+        "train": None,              # a source, or a list of sources: path | {path, task, split, limit}
+        "eval": None,               # same; default: data.val_size of the training data held out
+        "split": "train",           # split of save_to_disk folders / hub datasets for training sources
+        "eval_split": "test",
+        "val_size": 0.1,
+        "template": "alpaca",       # prompt template of instruction data
+        "cutoff_len": 256,
+        "train_on_inputs": False,   # causal LMs: loss on the response only by default
+        "task_column": None,        # a field naming each record's task (multi-task data)
+        "text_column": "sentence", "text_pair_column": None, "label_column": "label",
+        "max_train_samples": None, "max_eval_samples": None,
+    },
+    "adapter": {
+        "method": "uniform",        # an allocator (moela.allocators.available()) or a list of them (compare)
+        "targets": "all-linear",
+        "budget": None,             # parameters (int) or e.g. "uniform:E=4,r=8"; compare default: that string
+        "options": {},              # allocator options (experts, rank, top_k, pattern, …)
+        "plan": None,               # a plan.json to use instead of allocating
+        "alloc_samples": 256,       # training examples shown to data-driven allocators
+        "alpha": 16.0, "dropout": 0.05, "scaling": "lora",
+        "modules_to_save": None,    # base modules trained with the adapter (default: classifier head)
+    },
+    "train": {
+        "epochs": 3, "max_steps": -1, "batch_size": 8, "grad_accum": 1, "lr": 3e-4, "weight_decay": 0.0,
+        "warmup_ratio": 0.03, "scheduler": "linear", "balance_coef": 1e-3, "save_steps": 0,
+        "save_total_limit": 2, "logging_steps": 10, "seed": 0, "precision": "auto",
+        "gradient_checkpointing": False, "progress": True,
+    },
+    "eval": {
+        "protocol": "auto",         # auto | generation | loglik | classification
+        "max_new_tokens": 32, "num_beams": 1, "length_normalize": False, "batch_size": 16,
+    },
+}
+FINISHED, FAILED = "FINISHED", "FAILED"
+DATA_DRIVEN = ("sensitivity", "guilomo")
+NEEDS_WEIGHTS = DATA_DRIVEN + ("alphalora",)
+
+
+# --- configuration ------------------------------------------------------------------------------------------
+def merge(base: dict, override: dict, where: str = "") -> dict:
+    """``base`` updated by ``override``; a key that ``base`` lacks is a ValueError naming it."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        path = f"{where}{key}"
+        if key not in base:
+            raise ValueError(f"unknown config key {path!r}; known here: {sorted(base)}")
+        if isinstance(base[key], dict) and key != "options":
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {path!r} must be a mapping")
+            out[key] = merge(base[key], value, path + ".")
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``"a.b=value"`` → ``{"a": {"b": value}}`` with the value parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {text!r} is not of the form key=value (e.g. train.epochs=2)")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), default: bool = False) -> dict:
+    """The resolved config: :data:`DEFAULTS` < the built-in default (``default``) or the file < overrides."""
+    config = copy.deepcopy(DEFAULTS)
+    if default or path is None:
+        from .demo import default_config
+
+        config = merge(config, default_config())
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such config file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a config must be a YAML mapping")
+        try:
+            config = merge(config, data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+        config["name"] = config["name"] or path.stem
+    for text in overrides:
+        config = merge(config, parse_override(text))
+    if not config["model"]["name_or_path"]:
+        raise ValueError("model.name_or_path is not set (give it in the config or as model.name_or_path=...)")
+    config["name"] = config["name"] or "run"
+    config["output_dir"] = config["output_dir"] or str(Path("runs") / config["name"])
+    return config
+
+
+def methods_of(config: dict) -> list[str]:
+    method = config["adapter"]["method"]
+    return list(method) if isinstance(method, (list, tuple)) else [method]
+
+
+# --- data -----------------------------------------------------------------------------------------------------
+def read_sources(spec: Any, kind: str, data_cfg: dict, split: str | None, limit: int | None) -> list[dict]:
+    """Records of one source or a list of them (``path`` or ``{path, task, split, limit}``; ``moela:demo``
+    is the built-in dataset)."""
+    from . import demo
+    from .data import load_records
+
+    records: list[dict] = []
+    for item in spec if isinstance(spec, list) else [spec]:
+        item = {"path": item} if isinstance(item, str) else dict(item)
+        if "path" not in item:
+            raise ValueError(f"data source {item!r} has no 'path'")
+        if item["path"] == demo.SOURCE:
+            records += demo.records(item.get("split", split or "train"))
+            continue
+        records += load_records(item["path"], kind, split=item.get("split", split), task=item.get("task"),
+                                task_column=data_cfg["task_column"], text_column=data_cfg["text_column"],
+                                text_pair_column=data_cfg["text_pair_column"],
+                                label_column=data_cfg["label_column"], limit=item.get("limit"))
+    return records[:limit] if limit else records
+
+
+def prepare(config: dict, *, need_train: bool = True):
+    """Tokenizer, model (with newly initialised parameter names), records and features of a config."""
+    from . import train as training
+    from .data import split_validation, task_ids, tokenize
+
+    model_cfg, data_cfg = config["model"], config["data"]
+    task = training.model_task(model_cfg["name_or_path"], model_cfg["task"])
+    kind = "instruction" if task == "causal_lm" else "classification"
+    if data_cfg["train"] is None and need_train:
+        raise ValueError("data.train is not set")
+    train_records = read_sources(data_cfg["train"], kind, data_cfg, data_cfg["split"],
+                                 data_cfg["max_train_samples"]) if data_cfg["train"] is not None else []
+    if data_cfg["eval"] is not None:
+        eval_records = read_sources(data_cfg["eval"], kind, data_cfg, data_cfg["eval_split"], None)
+    elif train_records and data_cfg["val_size"]:
+        train_records, eval_records = split_validation(train_records, data_cfg["val_size"], config["train"]["seed"])
+    else:
+        eval_records = []
+    if data_cfg["max_eval_samples"]:
+        eval_records = eval_records[:data_cfg["max_eval_samples"]]
+    tasks = task_ids(train_records + eval_records)
+    num_labels = model_cfg["num_labels"]
+    if kind == "classification" and num_labels is None:
+        num_labels = max(r["label"] for r in train_records + eval_records) + 1
+    tokenizer = training.load_tokenizer(model_cfg["name_or_path"], task)
+    opts = dict(template=data_cfg["template"], cutoff_len=data_cfg["cutoff_len"],
+                train_on_inputs=data_cfg["train_on_inputs"], tasks=tasks)
+    return {"task": task, "kind": kind, "tokenizer": tokenizer, "num_labels": num_labels, "tasks": tasks,
+            "train_records": train_records, "eval_records": eval_records,
+            "train_features": tokenize(train_records, tokenizer, kind, **opts),
+            "eval_features": tokenize(eval_records, tokenizer, kind, **opts)}
+
+
+def load_base(config: dict, setup: dict, meta: bool = False):
+    from .train import load_model
+
+    return load_model(config["model"]["name_or_path"], setup["task"], num_labels=setup["num_labels"],
+                      dtype=config["model"]["dtype"], meta=meta)
+
+
+# --- allocation -------------------------------------------------------------------------------------------------
+def make_plan(config: dict, model, setup: dict | None, method: str | None = None):
+    """The plan: ``adapter.plan`` if given, else ``moela.allocate`` with the config's method, targets,
+    budget and options (and data for data-driven allocators)."""
+    from .allocators import allocate
+    from .data import make_loader
+    from .plan import AllocationPlan
+
+    adapter = config["adapter"]
+    if adapter["plan"]:
+        return AllocationPlan.load(adapter["plan"])
+    method = method or methods_of(config)[0]
+    data = None
+    if setup is not None and setup["train_features"]:
+        sample = setup["train_features"][:adapter["alloc_samples"]]
+        data = make_loader(sample, setup["tokenizer"].pad_token_id, batch_size=config["train"]["batch_size"],
+                           seed=config["train"]["seed"])
+    elif method in DATA_DRIVEN:
+        raise ValueError(f"allocator {method!r} is data-driven: it needs data.train")
+    options = dict(adapter["options"] or {})
+    return allocate(method, model, targets=adapter["targets"], budget=adapter["budget"], data=data,
+                    seed=config["train"]["seed"], **options)
+
+
+# --- runs -------------------------------------------------------------------------------------------------------
+def check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to reuse a run folder unless told: a finished one needs ``--overwrite``; any other non-empty one
+    ``--overwrite`` or ``--resume``."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    if overwrite:
+        shutil.rmtree(run_dir)
+        return
+    if (run_dir / FINISHED).exists():
+        raise ValueError(f"{run_dir} holds a finished run; pass --overwrite to replace it or set output_dir=...")
+    if not resume:
+        raise ValueError(f"{run_dir} holds an unfinished run; pass --resume to continue it or --overwrite")
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1, default=str) + "\n")
+
+
+def run_one(config: dict, *, overwrite: bool = False, resume: bool = False, evaluate_after: bool = True,
+            quiet: bool = False) -> dict:
+    """allocate → train → (evaluate → report) into ``config['output_dir']``; returns the summary row."""
+    import transformers
+
+    from . import train as training
+    from .config import MoelaConfig
+    from .evaluate import evaluate, routing_statistics
+    from .data import make_loader
+    from .inject import inject
+    from .plan import AllocationPlan
+    from .report import run_row, write_run_report
+
+    run_dir = Path(config["output_dir"])
+    check_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / FAILED).unlink(missing_ok=True)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    method = methods_of(config)[0]
+    try:
+        seed = config["train"]["seed"]
+        transformers.set_seed(seed)
+        setup = prepare(config)
+        model, new_params = load_base(config, setup)
+        plan_path = run_dir / "plan.json"
+        if resume and plan_path.is_file():
+            plan = AllocationPlan.load(plan_path)
+        else:
+            started = time.perf_counter()
+            plan = make_plan(config, model, setup, method)
+            plan.meta.setdefault("allocation_seconds", round(time.perf_counter() - started, 3))
+            plan.save(plan_path)
+        trainable = plan.num_trainable(model)
+        if not quiet:
+            print(f"[{method}] plan: {len(plan)} modules, {trainable:,} adapter parameters", flush=True)
+        transformers.set_seed(seed)
+        adapter = config["adapter"]
+        inject(model, MoelaConfig(plan, alpha=adapter["alpha"], dropout=adapter["dropout"], scaling=adapter["scaling"],
+                                  base_model_name_or_path=config["model"]["name_or_path"]))
+        head = training.head_parameters(model, setup["task"], adapter["modules_to_save"], new_params)
+        checkpoints = run_dir / "checkpoints"
+        latest = transformers.trainer_utils.get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        if resume and latest is None and not quiet:
+            print(f"[{method}] no checkpoint in {checkpoints}; training from the start", flush=True)
+        train_cfg = dict(config["train"], gradient_checkpointing=config["train"]["gradient_checkpointing"])
+        history = training.train(model, setup["train_features"], setup["tokenizer"].pad_token_id, train_cfg,
+                                 checkpoints, head=head, resume=latest if resume else None)
+        training.save_trained(model, run_dir / "adapter", head)
+        write_json(run_dir / "train_log.json", history)
+        row = {"method": method, "trainable": trainable, "run_dir": str(run_dir)}
+        if evaluate_after:
+            metrics, rows = evaluate_model(model, config, setup)
+            loader = make_loader(setup["eval_features"], setup["tokenizer"].pad_token_id,
+                                 batch_size=config["eval"]["batch_size"])
+            routing = routing_statistics(model, loader)
+            metrics.update(method=method, adapter_params=trainable,
+                           active_params_per_token=routing["active_params_per_token"])
+            write_json(run_dir / "metrics.json", metrics)
+            write_json(run_dir / "predictions.json", rows)
+            write_json(run_dir / "routing.json", routing)
+            write_run_report(run_dir, method, plan, metrics, routing, trainable, model)
+            row = run_row(method, metrics, routing, trainable) | {"run_dir": str(run_dir)}
+        write_json(run_dir / FINISHED, {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        return row
+    except BaseException as err:
+        atomic_write_text(run_dir / FAILED, f"{type(err).__name__}: {err}\n")
+        raise
+
+
+def evaluate_model(model, config: dict, setup: dict) -> tuple[dict, list]:
+    from .evaluate import evaluate
+
+    if not setup["eval_records"]:
+        raise ValueError("no evaluation data: set data.eval or data.val_size")
+    ev = config["eval"]
+    return evaluate(model, setup["tokenizer"], setup["eval_records"], setup["kind"], protocol=ev["protocol"],
+                    features=setup["eval_features"], template=config["data"]["template"],
+                    max_new_tokens=ev["max_new_tokens"], num_beams=ev["num_beams"],
+                    length_normalize=ev["length_normalize"], batch_size=ev["batch_size"])
+
+
+def compare(config: dict, methods: Sequence[str], *, overwrite: bool = False, resume: bool = False) -> list[dict]:
+    """Run every method on the same model, data and seed at the same budget, each in
+    ``output_dir/<method>``; write ``output_dir/report.md`` and ``compare.json``; return the rows."""
+    from .allocators import available
+    from .report import metrics_table, write_compare_report
+
+    unknown = [m for m in methods if m not in available()]
+    if unknown:
+        raise ValueError(f"unknown allocation method(s) {unknown}; available: {', '.join(available())}")
+    out = Path(config["output_dir"])
+    check_run_dir(out, overwrite=overwrite, resume=resume)
+    budget = config["adapter"]["budget"] or "uniform:E=4,r=8"
+    rows = []
+    for method in methods:
+        sub = merge(config, {"adapter": {"method": method, "budget": budget}, "output_dir": str(out / method)})
+        started = time.perf_counter()
+        row = run_one(sub, resume=resume)
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        print(f"[{method}] accuracy {100 * row['metrics']['accuracy']:.1f}% in {row['seconds']} s", flush=True)
+        rows.append(row)
+    write_json(out / "compare.json", {"budget": budget, "rows": rows})
+    report = write_compare_report(out, rows, budget)
+    atomic_write_text(out / FINISHED, time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
+    print()
+    print(metrics_table(rows))
+    print(f"\nreport: {report}")
+    return rows
+
+
+# --- commands -------------------------------------------------------------------------------------------------
+def split_args(args: Sequence[str], overrides: Sequence[str]) -> tuple[str | None, list[str]]:
+    """(config path, overrides) from positional arguments: ``key=value`` items are overrides."""
+    paths = [a for a in args if "=" not in a]
+    if len(paths) > 1:
+        raise ValueError(f"expected one config file, got {paths}")
+    return (paths[0] if paths else None), [a for a in args if "=" in a] + list(overrides)
+
+
+def config_from(ns) -> dict:
+    path, overrides = split_args(ns.args, ns.set or [])
+    if ns.output_dir:
+        overrides.append(f"output_dir={ns.output_dir}")
+    if path is None and not getattr(ns, "default", False) and ns.command != "run":
+        raise ValueError(f"moela {ns.command} needs a config file (or --default for the built-in one)")
+    return load_config(path, overrides, default=getattr(ns, "default", False))
+
+
+def cmd_run(ns) -> None:
+    config = config_from(ns)
+    methods = methods_of(config)
+    if ns.dry_run:
+        return dry_run(config)
+    if len(methods) > 1:
+        compare(config, methods, overwrite=ns.overwrite, resume=ns.resume)
+        return
+    row = run_one(config, overwrite=ns.overwrite, resume=ns.resume)
+    from .report import metrics_table
+
+    print(metrics_table([row]))
+    print(f"\nreport: {Path(config['output_dir']) / 'report.md'}")
+
+
+def cmd_compare(ns) -> None:
+    config = config_from(ns)
+    methods = [m.strip() for m in ns.methods.split(",")] if ns.methods else methods_of(config)
+    compare(config, methods, overwrite=ns.overwrite, resume=ns.resume)
+
+
+def cmd_train(ns) -> None:
+    config = config_from(ns)
+    row = run_one(config, overwrite=ns.overwrite, resume=ns.resume, evaluate_after=False)
+    print(f"adapter: {Path(row['run_dir']) / 'adapter'}")
+
+
+def cmd_allocate(ns) -> None:
+    config = config_from(ns)
+    if ns.dry_run:
+        return dry_run(config, ns.output)
+    setup = prepare(config, need_train=methods_of(config)[0] in DATA_DRIVEN)
+    model, _ = load_base(config, setup)
+    plan = make_plan(config, model, setup)
+    print(plan.summary(model))
+    if ns.output:
+        plan.save(ns.output)
+        print(f"plan: {ns.output}")
+
+
+def dry_run(config: dict, output: str | None = None) -> None:
+    """Plan and budget of a static allocator on the model built on the meta device (no weights read)."""
+    from .train import load_model, model_task
+
+    task = model_task(config["model"]["name_or_path"], config["model"]["task"])
+    for method in methods_of(config):
+        if method in NEEDS_WEIGHTS:
+            raise ValueError(f"--dry-run cannot run allocator {method!r}: it needs the model's weights or data")
+        model, _ = load_model(config["model"]["name_or_path"], task, num_labels=config["model"]["num_labels"] or 2,
+                              meta=True)
+        plan = make_plan(config, model, None, method)
+        print(plan.summary(model))
+        print(f"budget: {plan.num_trainable(model):,} adapter parameters "
+              f"({100 * plan.num_trainable(model) / sum(p.numel() for p in model.parameters()):.3f}% of the model)")
+        if output:
+            plan.save(output)
+
+
+def cmd_evaluate(ns) -> None:
+    from .train import load_trained
+
+    run_dir = Path(ns.run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter").is_dir():
+        raise ValueError(f"{run_dir} is not a moela run folder (needs config.yaml and adapter/)")
+    config = load_config(run_dir / "config.yaml", list(ns.overrides) + list(ns.set or []))
+    setup = prepare(config, need_train=False)
+    model, _ = load_base(config, setup)
+    load_trained(model, run_dir / "adapter")
+    metrics, _ = evaluate_model(model, config, setup)
+    print(json.dumps(metrics, indent=1))
+    if ns.output:
+        write_json(Path(ns.output), metrics)
+
+
+def cmd_plan_show(ns) -> None:
+    from .plan import AllocationPlan
+    from .report import plot_allocation
+
+    path = Path(ns.path)
+    model = None
+    if path.is_dir():
+        config = load_config(path / "config.yaml") if (path / "config.yaml").is_file() else None
+        path = path / "plan.json"
+        if config and not ns.model:
+            ns.model = config["model"]["name_or_path"]
+    plan = AllocationPlan.load(path)
+    if ns.model:
+        from .train import load_model, model_task
+
+        model, _ = load_model(ns.model, model_task(ns.model), num_labels=2, meta=True)
+    print(plan.summary(model))
+    if ns.plot:
+        written, why = plot_allocation(plan, ns.plot, model)
+        print(f"heatmap: {written}" if written else why)
+
+
+def cmd_export(ns) -> None:
+    from .export import export_peft
+
+    if ns.to != "peft":
+        raise ValueError(f"unknown export format {ns.to!r}; supported: peft")
+    out = export_peft(ns.run_dir, ns.out_dir)
+    print(f"PEFT adapter: {out}")
+
+
+OVERRIDE_HELP = ("config overrides key=value (YAML values), e.g. train.epochs=2 adapter.method=hilo "
+                 "'adapter.options={experts: 4}' data.max_train_samples=200")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moela", description="Fine-tune with a mixture of LoRA experts allocated per layer.",
+        epilog="Every config value can be overridden: KEY=VALUE arguments or --set KEY=VALUE, with KEY a dotted "
+               "path (train.epochs=2) and VALUE read as YAML. `moela run` with no config runs the built-in "
+               "offline default (MiniLM on a generated multi-task dataset, comparing allocators).")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def configured(name: str, help: str, run_flags: bool = True):
+        p = sub.add_parser(name, help=help, description=help, epilog=parser.epilog)
+        p.add_argument("args", nargs="*", metavar="CONFIG|KEY=VALUE", help="a YAML config, then " + OVERRIDE_HELP)
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="one more override")
+        p.add_argument("--default", action="store_true", help="use the built-in default config")
+        p.add_argument("--output-dir", help="the run folder (default runs/<name>)")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        if run_flags:
+            p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+            p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+        return p
+
+    p = configured("run", "the whole pipeline: allocate, train, evaluate, report (several methods: compare)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build the model on the meta device and print the plan and budget (static allocators)")
+    p.set_defaults(func=cmd_run)
+    p = configured("compare", "several allocators at equal budget on the same model, data and seed; one table")
+    p.add_argument("--methods", help="comma-separated allocators (default: adapter.method)")
+    p.set_defaults(func=cmd_compare)
+    configured("train", "allocate and train; writes the adapter into the run folder").set_defaults(func=cmd_train)
+    p = configured("allocate", "compute the plan only", run_flags=False)
+    p.add_argument("-o", "--output", help="write the plan here (JSON)")
+    p.add_argument("--dry-run", action="store_true", help="meta-device model: no weights read (static allocators)")
+    p.set_defaults(func=cmd_allocate)
+    p = sub.add_parser("evaluate", help="evaluate a run's adapter", description="evaluate a run's adapter")
+    p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP + " (e.g. data.eval=FILE)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("-o", "--output", help="also write the metrics JSON here")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_evaluate)
+    plan = sub.add_parser("plan", help="inspect plans").add_subparsers(dest="plan_command", required=True)
+    p = plan.add_parser("show", help="print a plan (plan.json or a run folder), optionally its heatmap")
+    p.add_argument("path")
+    p.add_argument("--model", help="base model, for per-module parameter counts (built on the meta device)")
+    p.add_argument("--plot", metavar="PNG", help="write the allocation heatmap here")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_plan_show)
+    p = sub.add_parser("export", help="export a run's adapter to another format")
+    p.add_argument("--to", required=True, choices=["peft"])
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    if not ns.debug:
+        import warnings
+
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        warnings.filterwarnings("ignore")
+    try:
+        ns.func(ns)
+    except KeyboardInterrupt:
+        print("moela: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one line unless --debug
+        if ns.debug:
+            traceback.print_exc()
+        else:
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"moela: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Evaluation protocols (METHODS.md §6) and routing statistics.
+
+- ``generation``: greedy (or beam) decoding of ``max_new_tokens`` from the prompt, then LLM-Adapters answer
+  extraction: the first match of the record's options (``true/false``, ``option1..``, ``answer1..``, letters
+  after "The answer is"), or the last number for numeric answers (correct within 1e-3).
+- ``loglik``: each option's continuation is scored by its log-probability after the prompt (lm-evaluation-
+  harness style; ``length_normalize`` divides by its length in bytes); the best option is the prediction.
+- ``classification``: arg-max of the classifier logits.
+
+The three give numbers that are not comparable with each other, so ``metrics.json`` names the protocol.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .data import Collator, format_prompt
+from .inject import moela_layers
+
+PROTOCOLS = ("generation", "loglik", "classification")
+_NUMBER = re.compile(r"-?\d+\.?\d*")
+_ANSWER_IS = re.compile(r"answer is:?\s*\(?([A-Za-z0-9_]+)", re.IGNORECASE)
+
+
+def is_numeric(answer: str) -> bool:
+    try:
+        float(answer)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def extract_answer(text: str, options: Sequence[str] | None = None, numeric: bool = False) -> str | None:
+    """The predicted answer in generated ``text`` (module docstring), or None when nothing matches."""
+    if numeric:
+        numbers = _NUMBER.findall(text.replace(",", ""))
+        return numbers[-1] if numbers else None
+    if not options:
+        line = text.strip().split("\n")[0].strip()
+        return line or None
+    lowered = {o.lower(): o for o in options}
+    stated = _ANSWER_IS.search(text)
+    if stated and stated.group(1).lower() in lowered:
+        return lowered[stated.group(1).lower()]
+    pattern = "|".join(re.escape(o) for o in sorted(options, key=len, reverse=True))
+    match = re.search(rf"(?<![A-Za-z0-9])({pattern})(?![A-Za-z0-9])", text, re.IGNORECASE)
+    return lowered[match.group(1).lower()] if match else None
+
+
+def is_correct(prediction: str | None, answer: str) -> bool:
+    if prediction is None:
+        return False
+    if is_numeric(answer):
+        return is_numeric(prediction) and abs(float(prediction) - float(answer)) < 1e-3
+    return prediction.strip().lower() == answer.strip().lower()
+
+
+def with_options(records: Sequence[dict]) -> list[dict]:
+    """Records whose candidate answers are unknown get the label vocabulary of their task (if it is small)."""
+    vocab: dict[str, set[str]] = defaultdict(set)
+    for record in records:
+        vocab[record["task"]].add(record["answer"])
+    out = []
+    for record in records:
+        labels = vocab[record["task"]]
+        if "options" not in record and not is_numeric(record["answer"]) and 1 < len(labels) <= 26:
+            record = {**record, "options": sorted(labels)}
+        out.append(record)
+    return out
+
+
+# --- protocols ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, num_beams: int = 1,
+             batch_size: int = 8) -> list[str]:
+    """Greedy (``num_beams=1``) or beam-search continuations of ``prompts`` (left-padded batches)."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    outputs = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            enc = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True)
+            enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return outputs
+
+
+def continuation(record: dict, option: str) -> str:
+    """The target text with the gold answer replaced by ``option`` ("the correct answer is X",
+    "Answer: The answer is X."); just ``option`` when the target does not contain the answer."""
+    output, answer = record["output"], record["answer"]
+    if answer and answer in output:
+        head, _, tail = output.rpartition(answer)
+        return head + option + tail
+    return option
+
+
+@torch.no_grad()
+def option_scores(model: nn.Module, tokenizer, prompt: str, continuations: Sequence[str],
+                  length_normalize: bool = False) -> list[float]:
+    """Log-probability of each continuation after ``prompt`` (per byte when ``length_normalize``)."""
+    prompt_len = len(tokenizer(prompt)["input_ids"])
+    rows = [tokenizer(prompt + c)["input_ids"] for c in continuations]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows], device=model.device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
+    logprobs = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+    scores = []
+    for i, (row, text) in enumerate(zip(rows, continuations)):
+        start = min(prompt_len, len(row) - 1)
+        targets = torch.tensor(row[start:], device=model.device)
+        score = logprobs[i, start - 1:len(row) - 1].gather(-1, targets[:, None]).sum().item()
+        scores.append(score / max(len(text.encode()), 1) if length_normalize else score)
+    return scores
+
+
+@torch.no_grad()
+def classify(model: nn.Module, features: Sequence[dict], pad_token_id: int, batch_size: int = 32) -> list[int]:
+    collate = Collator(pad_token_id, keep_task=False)
+    predictions = []
+    for start in range(0, len(features), batch_size):
+        batch = collate(list(features[start:start + batch_size]))
+        batch.pop("labels", None)
+        logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits
+        predictions += logits.argmax(-1).tolist()
+    return predictions
+
+
+def evaluate(model: nn.Module, tokenizer, records: Sequence[dict], kind: str, *, protocol: str = "auto",
+             features: Sequence[dict] | None = None, template: str = "alpaca", max_new_tokens: int = 32,
+             num_beams: int = 1, length_normalize: bool = False, batch_size: int = 16) -> tuple[dict, list[dict]]:
+    """Accuracy of ``model`` on ``records``: (metrics, per-record predictions). ``protocol`` ``auto`` is
+    ``classification`` for classification data and ``generation`` for instruction data; ``features`` (the
+    tokenised records) are needed for classification."""
+    if protocol == "auto":
+        protocol = "classification" if kind == "classification" else "generation"
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"eval.protocol must be one of {('auto',) + PROTOCOLS}, got {protocol!r}")
+    if (protocol == "classification") != (kind == "classification"):
+        raise ValueError(f"eval.protocol {protocol!r} does not apply to {kind} data")
+    was_training = model.training
+    model.eval()
+    try:
+        if protocol == "classification":
+            if features is None:
+                raise ValueError("classification evaluation needs the tokenised features")
+            predicted = classify(model, features, tokenizer.pad_token_id, batch_size)
+            rows = [{"task": r["task"], "answer": r["label"], "prediction": p, "correct": p == r["label"]}
+                    for r, p in zip(records, predicted)]
+        else:
+            records = with_options(records)
+            prompts = [format_prompt(r, template) for r in records]
+            if protocol == "generation":
+                texts = generate(model, tokenizer, prompts, max_new_tokens, num_beams, batch_size)
+                rows = []
+                for record, text in zip(records, texts):
+                    pred = extract_answer(text, record.get("options"), is_numeric(record["answer"]))
+                    rows.append({"task": record["task"], "answer": record["answer"], "prediction": pred,
+                                 "generated": text, "correct": is_correct(pred, record["answer"])})
+            else:
+                rows = []
+                for record, prompt in zip(records, prompts):
+                    options = record.get("options")
+                    if not options:
+                        raise ValueError(f"task {record['task']!r}: loglik evaluation needs answer options "
+                                         "('options', 'choices' or an 'Answer format:' line)")
+                    scores = option_scores(model, tokenizer, prompt, [continuation(record, o) for o in options],
+                                           length_normalize)
+                    pred = options[max(range(len(options)), key=scores.__getitem__)]
+                    rows.append({"task": record["task"], "answer": record["answer"], "prediction": pred,
+                                 "correct": is_correct(pred, record["answer"])})
+    finally:
+        model.train(was_training)
+    return summarise(rows, protocol, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                     length_normalize=length_normalize), rows
+
+
+def summarise(rows: Sequence[dict], protocol: str, **settings: Any) -> dict[str, Any]:
+    """``{"protocol", "accuracy", "n", "tasks": {task: {"accuracy", "n"}}}`` (accuracy in [0, 1])."""
+    by_task: dict[str, list[bool]] = defaultdict(list)
+    for row in rows:
+        by_task[row["task"]].append(bool(row["correct"]))
+    tasks = {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in by_task.items()}
+    total = sum(bool(r["correct"]) for r in rows)
+    metrics = {"protocol": protocol, "accuracy": total / max(len(rows), 1), "n": len(rows), "tasks": tasks}
+    if protocol == "generation":
+        metrics.update(max_new_tokens=settings["max_new_tokens"], num_beams=settings["num_beams"])
+    if protocol == "loglik":
+        metrics["length_normalize"] = settings["length_normalize"]
+    return metrics
+
+
+# --- routing statistics -----------------------------------------------------------------------------------
+@torch.no_grad()
+def routing_statistics(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Load per expert per module and measured active parameters per token over ``batches``.
+
+    ``load[i]``: fraction of the (non-padding) tokens' routing slots given to expert ``i`` (null experts
+    last). Active parameters per token of a module: the mean over tokens of ``Σ_{selected real i} r_i
+    (d_in + d_out)``; the model's figure is the sum over modules (METHODS.md §3).
+    """
+    layers = list(moela_layers(model))
+    counts = {name: torch.zeros(layer.num_slots, dtype=torch.float64) for name, layer in layers}
+    active = {name: 0.0 for name, _ in layers}
+    tokens = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            mask = batch.get("attention_mask")
+            inputs = {k: v.to(model.device) for k, v in batch.items() if k not in ("labels", "task")}
+            model(**inputs)
+            n = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+            tokens += n
+            for name, layer in layers:
+                cost = torch.tensor(layer.ranks, dtype=torch.float64) * (layer.d_in + layer.d_out)
+                if layer.last_stats is None:
+                    counts[name][0] += n
+                    active[name] += float(cost[0]) * n
+                    continue
+                selected = layer.last_stats.selected.cpu()
+                if mask is not None and tuple(mask.shape) == tuple(selected.shape[:-1]):
+                    selected = selected[mask.bool()]
+                selected = selected.reshape(-1, layer.num_slots).double()
+                counts[name] += selected.sum(0)
+                active[name] += float((selected[:, :layer.num_experts] @ cost).sum())
+    finally:
+        model.train(was_training)
+    modules = {}
+    for name, layer in layers:
+        slots = counts[name].sum()
+        modules[name] = {"ranks": layer.ranks, "num_null": layer.num_null,
+                         "load": (counts[name] / slots.clamp_min(1)).tolist(),
+                         "active_params_per_token": active[name] / max(tokens, 1)}
+    trainable = sum(layer.lora_A.weight.numel() + layer.lora_B.weight.numel()
+                    + (layer.router.weight.numel() if layer.router is not None else 0) for _, layer in layers)
+    return {"tokens": tokens, "adapter_params": trainable,
+            "active_params_per_token": sum(m["active_params_per_token"] for m in modules.values()),
+            "modules": modules}
