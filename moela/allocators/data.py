@@ -1,0 +1,105 @@
+"""Probe data for the data-driven allocators: batches from a DataLoader or from tokenised examples, and cost.
+
+``data`` is a ``torch.utils.data.DataLoader`` (or any iterable of batches: dicts of tensors that
+``model(**batch)`` accepts, with ``labels``), or a list / ``datasets.Dataset`` of tokenised examples (dicts
+with ``input_ids``, ``attention_mask``, ``labels`` as lists, or an int label for classification), which are
+padded on the right (labels with -100). Either may carry a ``task`` id, which is not passed to the model.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import torch
+
+PAD_VALUES = {"labels": -100, "attention_mask": 0}
+
+
+def is_examples(data: Any) -> bool:
+    """True when ``data`` holds single tokenised examples rather than batches."""
+    if type(data).__name__ == "Dataset" and hasattr(data, "column_names"):
+        return True
+    if isinstance(data, Sequence) and len(data) and isinstance(data[0], dict):
+        ids = data[0].get("input_ids")
+        return not (isinstance(ids, torch.Tensor) and ids.dim() == 2)
+    return False
+
+
+def collate(examples: Sequence[dict], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Pad a list of tokenised examples on the right into one batch of tensors."""
+    batch = {}
+    for key in examples[0]:
+        values = [ex[key] for ex in examples]
+        if isinstance(values[0], (list, tuple)) or (isinstance(values[0], torch.Tensor) and values[0].dim() == 1):
+            width = max(len(v) for v in values)
+            pad = PAD_VALUES.get(key, pad_token_id)
+            batch[key] = torch.tensor([list(v) + [pad] * (width - len(v)) for v in values], dtype=torch.long)
+        elif isinstance(values[0], (int, float, torch.Tensor)):
+            batch[key] = torch.tensor([int(v) if not isinstance(v, float) else v for v in values])
+    if "input_ids" not in batch or "labels" not in batch:
+        raise ValueError(f"tokenised examples need 'input_ids' and 'labels' (got keys {sorted(examples[0])})")
+    if "attention_mask" not in batch:
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    return batch
+
+
+def batches(data: Any, batch_size: int = 1, limit: int | None = None, seed: int = 0,
+            pad_token_id: int = 0) -> list[dict[str, torch.Tensor]]:
+    """The probe batches: examples are shuffled with ``seed``, the first ``limit`` kept and collated in
+    batches of ``batch_size``; batches from a loader are taken in order until ``limit`` examples."""
+    if data is None:
+        raise ValueError("this allocator needs data: a DataLoader or a list/Dataset of tokenised examples")
+    if is_examples(data):
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+        chosen = [data[i] for i in order[:limit]]
+        return [collate(chosen[i:i + batch_size], pad_token_id) for i in range(0, len(chosen), batch_size)]
+    out, seen = [], 0
+    for batch in data:
+        if not isinstance(batch, dict) or "labels" not in batch:
+            raise ValueError("each batch must be a dict of tensors with 'labels' that model(**batch) accepts")
+        out.append(dict(batch))
+        seen += len(batch["input_ids"]) if "input_ids" in batch else 1
+        if limit is not None and seen >= limit:
+            break
+    if not out:
+        raise ValueError("the data gave no batch")
+    return out
+
+
+def pad_id(model: torch.nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for key in ("pad_token_id", "eos_token_id"):
+        value = getattr(config, key, None)
+        if isinstance(value, list):
+            value = value[0]
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def prepare(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[dict[str, torch.Tensor], Any]:
+    """Model inputs on ``device`` and the batch's task ids (or None)."""
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "task"}
+    return inputs, batch.get("task")
+
+
+def size(batch: dict[str, torch.Tensor]) -> int:
+    return len(batch["input_ids"]) if "input_ids" in batch else len(next(iter(batch.values())))
+
+
+class Cost:
+    """Wall time, optimisation steps and examples of one allocation; ``report()`` prints and returns them."""
+
+    def __init__(self, method: str):
+        self.method, self.steps, self.examples = method, 0, 0
+        self.start = time.perf_counter()
+
+    def add(self, batch: dict[str, torch.Tensor], steps: int = 1) -> None:
+        self.steps += steps
+        self.examples += size(batch)
+
+    def report(self) -> dict[str, float | int]:
+        seconds = round(time.perf_counter() - self.start, 3)
+        print(f"{self.method}: {seconds:.1f} s, {self.steps} steps, {self.examples} examples")
+        return {"seconds": seconds, "steps": self.steps, "examples": self.examples}
