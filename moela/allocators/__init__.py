@@ -41,3 +41,4 @@ def allocate(method: str, model: nn.Module, *, targets: Any = "all-linear", budg
 from . import uniform  # noqa: E402,F401  (registers the built-in methods)
 from . import mola, hilo  # noqa: E402,F401
 from . import sensitivity  # noqa: E402,F401
+from . import alphalora  # noqa: E402,F401

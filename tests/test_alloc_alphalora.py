@@ -1,0 +1,64 @@
+"""AlphaLoRA: the Hill estimator recovers planted power-law tails, and layers are ordered by them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from moela.allocators import allocate
+from moela.allocators.alphalora import hill_alpha
+from moela.plan import layer_index
+
+
+def pareto_quantiles(alpha: float, n: int) -> np.ndarray:
+    """n evenly spaced quantiles of the density ∝ λ^(−α) on [1, ∞)."""
+    q = np.arange(n) / n
+    return (1 - q) ** (-1 / (alpha - 1))
+
+
+def plant(weight: torch.Tensor, alpha: float, generator: torch.Generator) -> None:
+    """Overwrite ``weight`` with U diag(√λ) Vᵀ, λ the power-law quantiles of exponent ``alpha``."""
+    d_out, d_in = weight.shape
+    k = min(d_out, d_in)
+    u, _ = torch.linalg.qr(torch.randn(d_out, k, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(d_in, k, generator=generator, dtype=torch.float64))
+    s = torch.from_numpy(np.sqrt(pareto_quantiles(alpha, k)))
+    weight.copy_((u * s) @ v.T)
+
+
+@pytest.mark.parametrize("alpha", [2.0, 3.0, 4.5, 6.0])
+def test_hill_estimator_recovers_the_exponent(alpha):
+    assert hill_alpha(pareto_quantiles(alpha, 400)) == pytest.approx(alpha, rel=0.05)
+
+
+def test_layers_with_lighter_tails_get_more_experts():
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        hidden_size=128, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=97))
+    planted = [3.0, 2.0, 5.0, 4.0]  # layer → α of all its matrices
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                plant(module.weight, planted[layer_index(name)], g)
+    plan = allocate("alphalora", model, total=20)
+    layer_alpha = {int(l): a for l, a in plan.meta["scores"]["layer_alpha"].items()}
+    assert sorted(layer_alpha, key=layer_alpha.get) == [1, 0, 3, 2]
+    for l, a in layer_alpha.items():
+        assert a == pytest.approx(planted[l], rel=0.15)
+    counts = {layer_index(n): s.num_experts for n, s in plan.items()}
+    assert sum(counts.values()) == 20
+    assert counts[1] < counts[0] < counts[3] < counts[2]
+    expected = np.array([layer_alpha[l] ** 2.5 for l in range(4)])
+    assert np.abs(np.array([counts[l] for l in range(4)]) - 20 * expected / expected.sum()).max() < 1
+    assert all(s.top_k == min(2, s.num_experts) for s in plan.modules.values())
+
+    budgeted = allocate("alphalora", model, budget="uniform:E=4,r=8")
+    target = budgeted.meta["budget"]["target"]
+    assert abs(budgeted.num_trainable(model) - target) <= 0.02 * target
+    mean = {l: np.mean([s.num_experts for n, s in budgeted.items() if layer_index(n) == l]) for l in range(4)}
+    assert mean[1] < mean[0] < mean[3] < mean[2]
+    assert allocate("alphalora", model, budget="uniform:E=4,r=8").to_dict() == budgeted.to_dict()
