@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .layer import LoraMoELinear
+from .layer import LoraMoELinear, RouterStats
 
 
 def reference_gates(layer: LoraMoELinear, x: torch.Tensor) -> torch.Tensor:
@@ -35,6 +35,18 @@ def reference_gates(layer: LoraMoELinear, x: torch.Tensor) -> torch.Tensor:
     return gates
 
 
+def topk_gates(layer: LoraMoELinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k routing as public code does it (softmax, top-k, divide by the chosen mass): router logits,
+    selection mask and gates, each (…, E+M); the gate is 1 for every token when there is no router."""
+    if layer.router is None:
+        ones = torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
+        return ones, ones.bool(), ones
+    logits = layer.router(x.to(layer.router.weight.dtype))
+    weights, chosen = torch.softmax(logits, dim=-1).topk(layer.top_k, dim=-1)
+    selected = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, chosen, True)
+    return logits, selected, torch.zeros_like(logits).scatter(-1, chosen, weights / weights.sum(-1, keepdim=True))
+
+
 def loop_forward(layer: LoraMoELinear, x: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
     """``W0 x + b + Σ_i ĝ_i s_i B_i A_i x̃``, looping over experts and the tokens routed to each.
 
@@ -45,12 +57,8 @@ def loop_forward(layer: LoraMoELinear, x: torch.Tensor, gates: torch.Tensor | No
     x = x.reshape(-1, shape[-1])
     out = layer.base_layer(x)
     if gates is None:
-        if layer.router is None:
-            gates = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
-        else:
-            weights, chosen = torch.softmax(layer.router(x.to(layer.router.weight.dtype)), dim=-1).topk(layer.top_k, dim=-1)
-            gates = torch.zeros(x.shape[0], layer.num_slots, dtype=weights.dtype, device=x.device).scatter(
-                -1, chosen, weights / weights.sum(-1, keepdim=True))
+        gates = topk_gates(layer, x)[2]
+    gates = gates.reshape(x.shape[0], -1)
     for i, cols in enumerate(layer.expert_slices()):
         tokens = torch.nonzero(gates[:, i] > 0).squeeze(-1)
         if tokens.numel() == 0:
@@ -60,3 +68,17 @@ def loop_forward(layer: LoraMoELinear, x: torch.Tensor, gates: torch.Tensor | No
         delta = (x[tokens] @ a.T) @ b.T * scale * gates[tokens, i, None].to(x.dtype)
         out = out.index_add(0, tokens, delta.to(out.dtype))
     return out.reshape(*shape[:-1], -1)
+
+
+class LoopLoraMoELinear(LoraMoELinear):
+    """A :class:`LoraMoELinear` computed by :func:`loop_forward` with :func:`topk_gates` routing (the
+    benchmarks' per-expert loop baseline). It keeps ``last_stats``, so the balance loss works as usual."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.base_layer(x)
+        if self.top_p is not None or self.num_null:
+            raise ValueError("LoopLoraMoELinear implements top-k routing without null experts only")
+        logits, selected, gates = topk_gates(self, x)
+        self.last_stats = RouterStats(logits, selected) if self.routed else None
+        return loop_forward(self, x, gates)
