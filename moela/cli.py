@@ -82,8 +82,26 @@ def merge(base: dict, override: dict, where: str = "") -> dict:
                 raise ValueError(f"config key {path!r} must be a mapping")
             out[key] = merge(base[key], value, path + ".")
         else:
-            out[key] = value
+            out[key] = _coerce(base[key], value, path)
     return out
+
+
+def _coerce(default: Any, value: Any, path: str) -> Any:
+    """Numbers written as YAML strings (``5e-5`` is a string to YAML 1.1) become numbers; other type
+    mismatches with a numeric or boolean default are a ValueError naming the key."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"config key {path!r} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config key {path!r} must be a number, got {value!r}") from None
+        return int(number) if isinstance(default, int) and number.is_integer() else number
+    return value
 
 
 def parse_override(text: str) -> dict:
@@ -261,6 +279,8 @@ def run_one(config: dict, *, overwrite: bool = False, resume: bool = False, eval
         seed = config["train"]["seed"]
         transformers.set_seed(seed)
         setup = prepare(config)
+        config["model"]["num_labels"] = setup["num_labels"]
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         model, new_params = load_base(config, setup)
         plan_path = run_dir / "plan.json"
         if resume and plan_path.is_file():
@@ -532,7 +552,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow options (argparse stops collecting positionals at the first option)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    positional = "args" if hasattr(ns, "args") else "overrides" if hasattr(ns, "overrides") else None
+    if stray or (extra and positional is None):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        setattr(ns, positional, list(getattr(ns, positional)) + extra)
     if not ns.debug:
         import warnings
 

@@ -191,8 +191,8 @@ def _classification(row: dict, place: str, text_column: str, pair_column: str | 
 
 
 def split_validation(records: list[dict], size: float | int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Hold out ``size`` records (a fraction if < 1) at random: (train, validation)."""
-    count = int(round(size * len(records))) if size < 1 else int(size)
+    """Hold out ``size`` records (a fraction when a float) at random: (train, validation)."""
+    count = int(round(size * len(records))) if isinstance(size, float) else int(size)
     if not 0 < count < len(records):
         raise ValueError(f"validation size {size} leaves no training or no validation data out of {len(records)}")
     order = list(range(len(records)))

@@ -1,8 +1,8 @@
 """Evaluation protocols (METHODS.md §6) and routing statistics.
 
 - ``generation``: greedy (or beam) decoding of ``max_new_tokens`` from the prompt, then LLM-Adapters answer
-  extraction: the first match of the record's options (``true/false``, ``option1..``, ``answer1..``, letters
-  after "The answer is"), or the last number for numeric answers (correct within 1e-3).
+  extraction: the first match of the record's options (``true/false``, ``option1..``, ``answer1..``; letter
+  options are read after "The answer is" first), or the last number for numeric answers (correct within 1e-3).
 - ``loglik``: each option's continuation is scored by its log-probability after the prompt (lm-evaluation-
   harness style; ``length_normalize`` divides by its length in bytes); the best option is the prediction.
 - ``classification``: arg-max of the classifier logits.
@@ -45,8 +45,8 @@ def extract_answer(text: str, options: Sequence[str] | None = None, numeric: boo
         return line or None
     lowered = {o.lower(): o for o in options}
     stated = _ANSWER_IS.search(text)
-    if stated and stated.group(1).lower() in lowered:
-        return lowered[stated.group(1).lower()]
+    if all(len(o) == 1 for o in options) and stated and stated.group(1).lower() in lowered:
+        return lowered[stated.group(1).lower()]  # letters (ScienceQA): "The answer is X."
     pattern = "|".join(re.escape(o) for o in sorted(options, key=len, reverse=True))
     match = re.search(rf"(?<![A-Za-z0-9])({pattern})(?![A-Za-z0-9])", text, re.IGNORECASE)
     return lowered[match.group(1).lower()] if match else None

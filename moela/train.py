@@ -16,7 +16,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .data import Collator
 from .inject import balance_loss, load_adapter, moela_layers, save_adapter
@@ -222,7 +222,8 @@ def train(model: nn.Module, features: Sequence[dict], pad_token_id: int, cfg: di
                            data_collator=Collator(pad_token_id, keep_task=False),
                            balance_coef=cfg["balance_coef"], head=head)
     trainer.remove_callback(ProgressCallback)
-    if args.disable_tqdm is False:
+    trainer.remove_callback(PrinterCallback)
+    if not args.disable_tqdm:
         trainer.add_callback(BalanceProgress())
     result = trainer.train(resume_from_checkpoint=resume or None)
     return {"metrics": result.metrics, "log_history": trainer.state.log_history,

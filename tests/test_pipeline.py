@@ -1,0 +1,240 @@
+"""End-to-end runs on tiny models saved to disk: run directory, metrics, resume, evaluation protocols."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+import yaml
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from moela import AllocationPlan, inject
+from moela.cli import main
+from moela.evaluate import extract_answer, is_correct, option_scores, routing_statistics
+from moela.data import make_loader, tokenize
+
+
+def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A byte-level tokenizer with no merges (260 tokens), built offline."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>", pad_token="<pad>")
+
+
+def save_tiny(folder: Path, kind: str) -> Path:
+    """A tiny random Llama (``lm``) or BERT classifier (``bert``) with the byte tokenizer, saved to ``folder``."""
+    torch.manual_seed(0)
+    if kind == "lm":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=260, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    else:
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, vocab_size=260,
+            max_position_embeddings=128, num_labels=2, pad_token_id=0))
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def instruction_records(n: int) -> list[dict]:
+    words = ["sun", "moon", "tree", "rock", "fish", "bird"]
+    out = []
+    for i in range(n):
+        answer = "true" if i % 2 else "false"
+        out.append({"instruction": f"is {words[i % 6]} {i % 7} odd?\n\nAnswer format: true/false", "input": "",
+                    "output": f"the correct answer is {answer}", "answer": answer})
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("lm"), "lm")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("bert"), "bert")
+
+
+def lm_config(tmp: Path, model: Path, **sections) -> Path:
+    train = tmp / "train.json"
+    train.write_text(json.dumps(instruction_records(24)))
+    test = tmp / "test.jsonl"
+    test.write_text("\n".join(json.dumps(r) for r in instruction_records(8)))
+    config = {"name": "tiny", "output_dir": str(tmp / "run"),
+              "model": {"name_or_path": str(model)},
+              "data": {"train": [{"path": str(train), "task": "odd"}], "eval": [{"path": str(test), "task": "odd"}],
+                       "template": "plain", "cutoff_len": 64},
+              "adapter": {"method": "uniform", "options": {"experts": 2, "rank": 2}},
+              "train": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "logging_steps": 2, "progress": False},
+              "eval": {"max_new_tokens": 6, "batch_size": 8}}
+    for key, value in sections.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_run_writes_the_run_directory(tmp_path, tiny_lm, capsys):
+    config = lm_config(tmp_path, tiny_lm)
+    assert main(["run", str(config)]) == 0
+    run = tmp_path / "run"
+    for name in ("config.yaml", "plan.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                 "metrics.json", "routing.json", "report.md", "expert_load.png", "FINISHED"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["protocol"] == "generation" and metrics["n"] == 8 and set(metrics["tasks"]) == {"odd"}
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    routing = json.loads((run / "routing.json").read_text())
+    for module in routing["modules"].values():
+        assert sum(module["load"]) == pytest.approx(1.0)
+    report = (run / "report.md").read_text()
+    assert "| uniform |" in report and "expert_load.png" in report
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["adapter"]["method"] == "uniform" and resolved["train"]["seed"] == 0
+    capsys.readouterr()
+    # a finished run is never overwritten without --overwrite
+    assert main(["run", str(config)]) == 1
+    assert "finished run" in capsys.readouterr().err
+    assert main(["run", str(config), "--overwrite", "eval.protocol=loglik"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["protocol"] == "loglik"
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path, tiny_lm):
+    """An interrupted run resumed from checkpoint-3 ends with the adapter of the uninterrupted run; a resumed
+    run really starts from the checkpoint (a corrupted checkpoint changes the result)."""
+    common = {"train": {"max_steps": 6, "save_steps": 3, "save_total_limit": 5, "batch_size": 4, "lr": 1e-2,
+                        "logging_steps": 1, "progress": False}, "adapter": {"dropout": 0.1, "method": "uniform",
+                                                                             "options": {"experts": 2, "rank": 2}}}
+    config = lm_config(tmp_path, tiny_lm, **common)
+    assert main(["run", str(config), "--set", "eval.max_new_tokens=1"]) == 0
+    run = tmp_path / "run"
+    full = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+    def interrupted(copy: Path) -> Path:
+        shutil.copytree(run, copy)
+        for name in ("adapter", "checkpoints/checkpoint-6"):
+            shutil.rmtree(copy / name)
+        for name in ("FINISHED", "metrics.json"):
+            (copy / name).unlink()
+        return copy
+
+    resumed = interrupted(tmp_path / "resumed")
+    assert main(["run", str(config), f"output_dir={resumed}", "eval.max_new_tokens=1", "--resume"]) == 0
+    again = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
+    assert full.keys() == again.keys()
+    for key in full:
+        torch.testing.assert_close(again[key], full[key], rtol=0, atol=1e-6)
+    log = json.loads((resumed / "train_log.json").read_text())
+    assert log["global_step"] == 6
+
+    corrupted = interrupted(tmp_path / "corrupted")
+    weights = corrupted / "checkpoints" / "checkpoint-3" / "adapter" / "adapter_model.safetensors"
+    save_file({k: torch.zeros_like(v) for k, v in load_file(str(weights)).items()}, str(weights))
+    assert main(["run", str(config), f"output_dir={corrupted}", "eval.max_new_tokens=1", "--resume"]) == 0
+    other = load_file(str(corrupted / "adapter" / "adapter_model.safetensors"))
+    assert any(not torch.allclose(other[k], full[k]) for k in full)
+
+
+def test_run_unfinished_needs_resume_or_overwrite(tmp_path, tiny_lm, capsys):
+    config = lm_config(tmp_path, tiny_lm)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "plan.json").write_text("{}")
+    assert main(["run", str(config)]) == 1
+    assert "--resume" in capsys.readouterr().err
+
+
+def classification_files(tmp: Path, n_train: int = 64, n_eval: int = 32) -> tuple[Path, Path]:
+    """A TSV task a model can learn from its first byte: label 1 iff the sentence starts with 'b'."""
+    def rows(n, offset):
+        return "\n".join(f"{'ab'[i % 2]} {'xyz'[(i + offset) % 3] * (1 + i % 4)} w{i}\t{i % 2}" for i in range(n))
+    train, dev = tmp / "train.tsv", tmp / "dev.tsv"
+    train.write_text(rows(n_train, 0))
+    dev.write_text(rows(n_eval, 1))
+    return train, dev
+
+
+def test_classifier_head_is_trained_saved_and_reloaded(tmp_path, tiny_bert, capsys):
+    train, dev = classification_files(tmp_path)
+    run = tmp_path / "run"
+    args = ["run", f"model.name_or_path={tiny_bert}", f"data.train={train}", f"data.eval={dev}",
+            "adapter.method=lora", "train.epochs=4", "train.lr=5e-3", "train.progress=false", f"output_dir={run}",
+            "name=cls"]
+    config = tmp_path / "cls.yaml"
+    config.write_text("model: {task: sequence_classification}\n")
+    assert main(["run", str(config)] + args[1:]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["protocol"] == "classification" and metrics["n"] == 32
+    assert metrics["accuracy"] >= 0.9  # the first byte decides; chance is 0.5
+    assert (run / "adapter" / "head.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "-o", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["accuracy"] == metrics["accuracy"]
+
+
+# --- evaluation pieces --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, options, numeric, expected", [
+    ("the correct answer is true", ["true", "false"], False, "true"),
+    ("False. the correct answer is true", ["true", "false"], False, "false"),  # first match, as LLM-Adapters
+    ("the correct answer is answer3 not answer1", ["answer1", "answer2", "answer3"], False, "answer3"),
+    ("Answer: The answer is B.", ["A", "B", "C"], False, "B"),
+    ("A dog is a mammal. The answer is B.", ["A", "B"], False, "B"),
+    ("option2 fits", ["option1", "option2"], False, "option2"),
+    ("nothing here", ["true", "false"], False, None),
+    ("He has 1,250 apples, so 12.5 each. The answer is 12.5", None, True, "12.5"),
+])
+def test_extract_answer(text, options, numeric, expected):
+    assert extract_answer(text, options, numeric) == expected
+
+
+def test_numeric_answers_match_within_tolerance():
+    assert is_correct("5", "5.0") and is_correct("5.0004", "5.0") and not is_correct("5.1", "5.0")
+    assert not is_correct(None, "true") and is_correct("True", "true")
+
+
+def test_option_scores_equal_a_manual_log_likelihood(tiny_lm):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    tok = byte_tokenizer()
+    prompt, conts = "is it odd? ", ["the answer is true", "no"]
+    scores = option_scores(model, tok, prompt, conts)
+    normalised = option_scores(model, tok, prompt, conts, length_normalize=True)
+    for cont, score, norm in zip(conts, scores, normalised):
+        ids = tok(prompt + cont)["input_ids"]
+        start = len(tok(prompt)["input_ids"])
+        with torch.no_grad():
+            logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+        manual = sum(logp[i - 1, ids[i]].item() for i in range(start, len(ids)))
+        assert score == pytest.approx(manual, abs=1e-4)
+        assert norm == pytest.approx(manual / len(cont.encode()), abs=1e-5)
+
+
+def test_routing_statistics_known_answers(tiny_lm):
+    tok = byte_tokenizer()
+    features = tokenize([{"instruction": "hello there", "input": "", "output": "yes", "answer": "yes",
+                          "task": "t"}] * 3, tok, "instruction", template="plain")
+    loader = make_loader(features, tok.pad_token_id, batch_size=2)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_lm)
+    plan = AllocationPlan.uniform(model, ["q_proj", "down_proj"], experts=3, rank=2, top_k=2)
+    inject(model, plan)
+    stats = routing_statistics(model, loader)
+    assert stats["tokens"] == sum(len(f["input_ids"]) for f in features)
+    for name, module in stats["modules"].items():
+        layer = model.get_submodule(name)
+        assert sum(module["load"]) == pytest.approx(1.0)
+        # every token uses exactly two experts of rank 2
+        assert module["active_params_per_token"] == pytest.approx(2 * 2 * (layer.d_in + layer.d_out))
+    lora = transformers.AutoModelForCausalLM.from_pretrained(tiny_lm)
+    inject(lora, AllocationPlan.uniform(lora, ["q_proj"], experts=1, rank=4))
+    stats = routing_statistics(lora, loader)
+    assert stats["active_params_per_token"] == pytest.approx(2 * 4 * (32 + 32)) == stats["adapter_params"]
