@@ -42,3 +42,4 @@ from . import uniform  # noqa: E402,F401  (registers the built-in methods)
 from . import mola, hilo  # noqa: E402,F401
 from . import sensitivity  # noqa: E402,F401
 from . import alphalora  # noqa: E402,F401
+from . import guilomo  # noqa: E402,F401

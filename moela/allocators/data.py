@@ -21,8 +21,7 @@ def is_examples(data: Any) -> bool:
     if type(data).__name__ == "Dataset" and hasattr(data, "column_names"):
         return True
     if isinstance(data, Sequence) and len(data) and isinstance(data[0], dict):
-        ids = data[0].get("input_ids")
-        return not (isinstance(ids, torch.Tensor) and ids.dim() == 2)
+        return not any(isinstance(v, torch.Tensor) and v.dim() >= 2 for v in data[0].values())
     return False
 
 
@@ -103,3 +102,25 @@ class Cost:
         seconds = round(time.perf_counter() - self.start, 3)
         print(f"{self.method}: {seconds:.1f} s, {self.steps} steps, {self.examples} examples")
         return {"seconds": seconds, "steps": self.steps, "examples": self.examples}
+
+
+def holdout(data: Any, fraction: float, batch_size: int, seed: int = 0, pad_token_id: int = 0,
+            limit: int | None = None) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """(train batches, validation batches): a ``fraction`` of the examples (at least one) drawn with ``seed``,
+    or every ``round(1/fraction)``-th batch of a loader, is held out for validation."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"the validation fraction must be in (0, 1), got {fraction}")
+    if data is not None and is_examples(data):
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()[:limit]
+        if len(order) < 2:
+            raise ValueError("need at least 2 examples to hold out a validation split")
+        cut = max(1, round(fraction * len(order)))
+        split = [[data[i] for i in order[cut:]], [data[i] for i in order[:cut]]]
+        return tuple([collate(part[i:i + batch_size], pad_token_id) for i in range(0, len(part), batch_size)]
+                      for part in split)
+    every = max(2, round(1 / fraction))
+    loaded = batches(data, limit=limit)
+    if len(loaded) < 2:
+        raise ValueError("need at least 2 batches to hold out a validation batch")
+    val = [b for i, b in enumerate(loaded) if i % every == every - 1] or loaded[-1:]
+    return [b for b in loaded if not any(b is v for v in val)], val

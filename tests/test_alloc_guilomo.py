@@ -1,0 +1,162 @@
+"""GuiLoMo: straight-through selection, the DARTS hypergradient, and the search end to end."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from moela.allocators import allocate
+from moela.allocators.guilomo import GSVLinear, PrefixSelect, hypergradient
+
+from tests.conftest import tiny_model
+from tests.test_alloc_sensitivity import examples
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small ops on a shared 2-core machine run far faster on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_prefix_select_forward_and_straight_through_backward():
+    sig = torch.tensor([0.2, 0.9, 0.5, 0.1], requires_grad=True)
+    mask = PrefixSelect.apply(sig, 0, 1e-4)
+    assert mask.tolist() == pytest.approx([1, 1, 1e-4, 1e-4])
+    mask.backward(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert sig.grad.tolist() == pytest.approx([0, 1 * 0.2 + 2 * 0.9, 0, 0])
+    sig.grad = None
+    PrefixSelect.apply(sig, 2, 0.0).backward(torch.tensor([1.0, 2.0, 3.0, 4.0]))  # floor n_min − 1 = 2
+    assert sig.grad.tolist() == pytest.approx([0, 0, 0.2 + 1.8 + 1.5, 0])
+
+
+def selected_layer(seed: int = 0) -> tuple[GSVLinear, torch.Tensor]:
+    torch.manual_seed(seed)
+    layer = GSVLinear(nn.Linear(8, 8), experts=6, rank=4, min_experts=1)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.5)
+        layer.expert_gsv.copy_(torch.linspace(-1, 1, 6))  # argmax last: all experts eligible
+        layer.rank_gsv.copy_(torch.linspace(-1, 1, 4).expand(6, 4))
+    return layer, torch.randn(64, 8)
+
+
+@pytest.mark.parametrize("helps", [False, True])
+def test_straight_through_gradient_moves_the_selection_toward_lower_loss(helps):
+    layer, x = selected_layer()
+    with torch.no_grad():
+        base = layer.base_layer(x)
+        target = base + 2 * (layer(x) - base) if helps else base  # the active experts help, or only hurt
+    optimizer = torch.optim.SGD([layer.expert_gsv, layer.rank_gsv], lr=0.5)
+    start = ((layer(x) - target) ** 2).mean().item()
+    for _ in range(60):
+        optimizer.zero_grad()
+        ((layer(x) - target) ** 2).mean().backward()
+        optimizer.step()
+    experts, ranks = layer.selection()
+    loss = ((layer(x) - target) ** 2).mean().item()
+    if helps:  # the selected entries are reinforced and the full prefix stays
+        assert (experts, ranks) == (6, [4] * 6)
+        assert layer.expert_gsv[-1] > 1 and (layer.rank_gsv[:, -1] > 1).all()
+    else:  # the selected counts shrink, and the loss with them
+        assert experts < 6 and sum(ranks) < 4 * experts
+        assert loss < start
+
+
+def test_second_order_hypergradient_matches_finite_differences():
+    """d/dα L_val(w − ξ ∇_w L_train(w, α), α) on a smooth problem, by central differences in α."""
+    g = torch.Generator().manual_seed(0)
+    a_t, a_v = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(5, generator=g, dtype=torch.float64)
+    w = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    alpha = torch.randn(2, generator=g, dtype=torch.float64, requires_grad=True)
+    xi = 0.1
+
+    def train_loss(w=w, alpha=alpha):
+        return ((a_t @ w - b * alpha[0]) ** 2).sum() + alpha[1] * (w ** 2).sum() + (alpha ** 2).sum()
+
+    def val_loss(w=w, alpha=alpha):
+        return ((a_v @ w - b) ** 2).sum() * torch.exp(alpha[0] * 0.3) + alpha[1] ** 2
+
+    def unrolled(al):
+        wt = w.detach().requires_grad_()
+        grad = torch.autograd.grad(train_loss(wt, al), wt)[0]
+        return val_loss(w.detach() - xi * grad, al).item()
+
+    w_before = w.detach().clone()
+    got = hypergradient([w], [alpha], train_loss, val_loss, xi, second_order=True)[0]
+    h = 1e-6
+    expected = [(unrolled(alpha.detach() + h * e) - unrolled(alpha.detach() - h * e)) / (2 * h)
+                for e in torch.eye(2, dtype=torch.float64)]
+    assert got.tolist() == pytest.approx(expected, rel=1e-4)
+    assert torch.equal(w.detach(), w_before) and w.grad is None and alpha.grad is None
+    first = hypergradient([w], [alpha], train_loss, val_loss, xi, second_order=False)[0]
+    assert first.tolist() == pytest.approx(torch.autograd.grad(val_loss(), alpha)[0].tolist())
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_search_runs_is_deterministic_and_leaves_the_model_alone(second_order):
+    model = tiny_model("llama")
+    model.model.embed_tokens.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = examples(24)
+    kwargs = dict(data=data, batch_size=4, max_steps=6, second_order=second_order, seed=1)
+    plan = allocate("guilomo", model, **kwargs)
+    assert plan.to_dict()["modules"] == allocate("guilomo", model, **kwargs).to_dict()["modules"]
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in before.items()}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+    assert plan.meta["cost"]["steps"] == 6 and plan.meta["options"]["second_order"] is second_order
+    for name, spec in plan.items():
+        assert 2 <= spec.num_experts <= 8 and all(1 <= r <= 8 for r in spec.ranks)
+        assert len(plan.meta["scores"]["expert_gsv"][name]) == 8
+
+
+def test_search_budget_is_met_within_two_percent():
+    model = tiny_model("llama")
+    plan = allocate("guilomo", model, data=examples(24), batch_size=4, max_steps=4, budget="uniform:E=4,r=8")
+    target = plan.meta["budget"]["target"]
+    assert abs(plan.num_trainable(model) - target) <= 0.02 * target
+
+
+class Toy(nn.Module):
+    """``out = layers.0.proj(x₁) + layers.1.proj(x₂)``, mean squared error."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.d = d
+        self.layers = nn.ModuleList([nn.ModuleDict({"proj": nn.Linear(d, d, bias=False)}) for _ in range(2)])
+
+    def forward(self, x, labels):
+        out = self.layers[0]["proj"](x[:, :self.d]) + self.layers[1]["proj"](x[:, self.d:])
+        return SimpleNamespace(loss=((out - labels) ** 2).mean())
+
+
+def toy_task(seed: int, n: int = 640, d: int = 16) -> tuple[Toy, list[dict]]:
+    """Targets need a rank-6 change of layers.0.proj and none of layers.1.proj (which only sees noise)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = Toy(d).eval()
+    delta = torch.randn(d, 6, generator=g) @ torch.randn(6, d, generator=g) / 6 ** 0.5
+    x = torch.randn(n, 2 * d, generator=g)
+    with torch.no_grad():
+        y = model.layers[0]["proj"](x[:, :d]) + x[:, :d] @ delta.T + model.layers[1]["proj"](x[:, d:])
+    y = y + 0.3 * torch.randn(n, d, generator=g)
+    return model, [{"x": x[i:i + 16], "labels": y[i:i + 16]} for i in range(0, n, 16)]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_search_gives_capacity_to_the_module_that_needs_it(seed):
+    """The module whose adapter only fits noise hurts the validation loss, so its selections are pushed
+    down until it sits at n_min experts; the one that needs capacity keeps (and reinforces) its own."""
+    model, data = toy_task(seed)
+    plan = allocate("guilomo", model, data=data, epochs=20, max_steps=400, patience=100, lr=1e-2, seed=seed)
+    needs, idle = plan["layers.0.proj"], plan["layers.1.proj"]
+    assert idle.num_experts == 2
+    assert needs.num_experts > idle.num_experts and sum(needs.ranks) > sum(idle.ranks)
