@@ -118,9 +118,12 @@ class LoraMoELinear(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits (…, E+M), selection mask (…, E+M) and renormalised real-expert gates ĝ (…, E)."""
         logits = self.router(x.to(self.router.weight.dtype))  # float32 unless the user casts it
+        # Renormalising p over a selected set S equals a softmax of the logits restricted to S (real experts).
         if self.top_p is None:
             top_logits, top_idx = logits.topk(self.top_k, dim=-1)
             selected = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top_idx, True)
+            if not self.num_null:  # fast path: softmax over the k chosen logits only
+                return logits, selected, torch.zeros_like(logits).scatter(-1, top_idx, top_logits.softmax(-1))
         else:
             probs = logits.softmax(-1)
             sorted_p, order = probs.sort(dim=-1, descending=True)
@@ -128,7 +131,6 @@ class LoraMoELinear(nn.Module):
             keep = (mass_before < self.top_p)
             keep[..., self.max_k:] = False
             selected = torch.zeros_like(keep).scatter_(-1, order, keep)
-        # Renormalising p over a selected set S equals a softmax of the logits restricted to S (real experts).
         real = selected[..., :self.num_experts]
         masked = logits[..., :self.num_experts].masked_fill(~real, float("-inf"))
         gates = masked.softmax(-1).nan_to_num(0.0)  # a token routed to null experts only gets all-zero gates
