@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-PAD_VALUES = {"labels": -100, "attention_mask": 0}
+from ..data import Collator
 
 
 def is_examples(data: Any) -> bool:
@@ -26,21 +26,10 @@ def is_examples(data: Any) -> bool:
 
 
 def collate(examples: Sequence[dict], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
-    """Pad a list of tokenised examples on the right into one batch of tensors."""
-    batch = {}
-    for key in examples[0]:
-        values = [ex[key] for ex in examples]
-        if isinstance(values[0], (list, tuple)) or (isinstance(values[0], torch.Tensor) and values[0].dim() == 1):
-            width = max(len(v) for v in values)
-            pad = PAD_VALUES.get(key, pad_token_id)
-            batch[key] = torch.tensor([list(v) + [pad] * (width - len(v)) for v in values], dtype=torch.long)
-        elif isinstance(values[0], (int, float, torch.Tensor)):
-            batch[key] = torch.tensor([int(v) if not isinstance(v, float) else v for v in values])
-    if "input_ids" not in batch or "labels" not in batch:
+    """Pad tokenised examples on the right into one batch (:class:`moela.data.Collator`)."""
+    if "input_ids" not in examples[0] or "labels" not in examples[0]:
         raise ValueError(f"tokenised examples need 'input_ids' and 'labels' (got keys {sorted(examples[0])})")
-    if "attention_mask" not in batch:
-        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-    return batch
+    return Collator(pad_token_id)(list(examples))
 
 
 def batches(data: Any, batch_size: int = 1, limit: int | None = None, seed: int = 0,
