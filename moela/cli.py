@@ -232,9 +232,27 @@ def make_plan(config: dict, model, setup: dict | None, method: str | None = None
                            seed=config["train"]["seed"])
     elif method in DATA_DRIVEN:
         raise ValueError(f"allocator {method!r} is data-driven: it needs data.train")
-    options = dict(adapter["options"] or {})
     return allocate(method, model, targets=adapter["targets"], budget=adapter["budget"], data=data,
-                    seed=config["train"]["seed"], **options)
+                    seed=config["train"]["seed"], **method_options(adapter["options"] or {}, method))
+
+
+def method_options(options: dict, method: str) -> dict:
+    """Options for ``method``: ``options[method]`` (a mapping, passed as is) over the common options (the
+    keys that are not method names), of which a method gets those its allocator accepts. So one config can
+    say ``{rank: 4, uniform: {experts: 2}, hilo: {experts: "2468"}}`` for a comparison."""
+    import inspect
+
+    from .allocators import _REGISTRY, available
+
+    methods = set(available())
+    common = {k: v for k, v in options.items() if k not in methods}
+    params = inspect.signature(_REGISTRY[method]).parameters if method in _REGISTRY else {}
+    if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        common = {k: v for k, v in common.items() if k in params}
+    own = options.get(method) or {}
+    if not isinstance(own, dict):
+        raise ValueError(f"adapter.options.{method} must be a mapping of {method}'s options, got {own!r}")
+    return {**common, **own}
 
 
 # --- runs -------------------------------------------------------------------------------------------------------
@@ -342,12 +360,9 @@ def evaluate_model(model, config: dict, setup: dict) -> tuple[dict, list]:
 def compare(config: dict, methods: Sequence[str], *, overwrite: bool = False, resume: bool = False) -> list[dict]:
     """Run every method on the same model, data and seed at the same budget, each in
     ``output_dir/<method>``; write ``output_dir/report.md`` and ``compare.json``; return the rows."""
-    from .allocators import available
     from .report import metrics_table, write_compare_report
 
-    unknown = [m for m in methods if m not in available()]
-    if unknown:
-        raise ValueError(f"unknown allocation method(s) {unknown}; available: {', '.join(available())}")
+    check_methods(methods)
     out = Path(config["output_dir"])
     check_run_dir(out, overwrite=overwrite, resume=resume)
     budget = config["adapter"]["budget"] or "uniform:E=4,r=8"
@@ -386,9 +401,19 @@ def config_from(ns) -> dict:
     return load_config(path, overrides, default=getattr(ns, "default", False))
 
 
+def check_methods(methods: Sequence[str]) -> None:
+    from .allocators import available
+
+    unknown = [m for m in methods if m not in available()]
+    if unknown:
+        raise ValueError(f"unknown allocation method(s) {', '.join(map(repr, unknown))}; "
+                         f"available: {', '.join(available())}")
+
+
 def cmd_run(ns) -> None:
     config = config_from(ns)
     methods = methods_of(config)
+    check_methods(methods)
     if ns.dry_run:
         return dry_run(config)
     if len(methods) > 1:
@@ -409,6 +434,7 @@ def cmd_compare(ns) -> None:
 
 def cmd_train(ns) -> None:
     config = config_from(ns)
+    check_methods(methods_of(config))
     row = run_one(config, overwrite=ns.overwrite, resume=ns.resume, evaluate_after=False)
     print(f"adapter: {Path(row['run_dir']) / 'adapter'}")
 
@@ -567,6 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
         warnings.filterwarnings("ignore")
     try:
         ns.func(ns)

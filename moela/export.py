@@ -56,7 +56,7 @@ def export_peft(run_dir: str | Path, out_dir: str | Path) -> Path:
     lora_config = peft.LoraConfig(
         r=default_r, lora_alpha=config.alpha, lora_dropout=config.dropout, use_rslora=config.scaling == "rslora",
         target_modules=list(ranks), rank_pattern={p: r for p, r in ranks.items() if r != default_r},
-        modules_to_save=head_modules or None, bias="none",
+        modules_to_save=list(head_modules) or None, bias="none",  # PEFT extends this list in place
         task_type="CAUSAL_LM" if task == "causal_lm" else "SEQ_CLS")
     base, _ = load_model(name, task, num_labels=num_labels)
     wrapped = peft.get_peft_model(base, lora_config)

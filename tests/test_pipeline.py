@@ -75,7 +75,7 @@ def lm_config(tmp: Path, model: Path, **sections) -> Path:
               "model": {"name_or_path": str(model)},
               "data": {"train": [{"path": str(train), "task": "odd"}], "eval": [{"path": str(test), "task": "odd"}],
                        "template": "plain", "cutoff_len": 64},
-              "adapter": {"method": "uniform", "options": {"experts": 2, "rank": 2}},
+              "adapter": {"method": "uniform", "options": {"uniform": {"experts": 2, "rank": 2}}},
               "train": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "logging_steps": 2, "progress": False},
               "eval": {"max_new_tokens": 6, "batch_size": 8}}
     for key, value in sections.items():
@@ -115,7 +115,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path, tiny_lm):
     run really starts from the checkpoint (a corrupted checkpoint changes the result)."""
     common = {"train": {"max_steps": 6, "save_steps": 3, "save_total_limit": 5, "batch_size": 4, "lr": 1e-2,
                         "logging_steps": 1, "progress": False}, "adapter": {"dropout": 0.1, "method": "uniform",
-                                                                             "options": {"experts": 2, "rank": 2}}}
+                                                                             "options": {"uniform": {"experts": 2, "rank": 2}}}}
     config = lm_config(tmp_path, tiny_lm, **common)
     assert main(["run", str(config), "--set", "eval.max_new_tokens=1"]) == 0
     run = tmp_path / "run"
