@@ -11,6 +11,8 @@ from moela.allocators import allocate
 from moela.allocators.alphalora import hill_alpha
 from moela.plan import layer_index
 
+from tests.test_alloc_static import one_thread  # noqa: F401  (autouse fixture)
+
 
 def pareto_quantiles(alpha: float, n: int) -> np.ndarray:
     """n evenly spaced quantiles of the density ∝ λ^(−α) on [1, ∞)."""

@@ -12,16 +12,8 @@ from moela.allocators import allocate
 from moela.allocators.guilomo import GSVLinear, PrefixSelect, hypergradient
 
 from tests.conftest import tiny_model
+from tests.test_alloc_static import one_thread  # noqa: F401  (autouse fixture)
 from tests.test_alloc_sensitivity import examples
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops on a shared 2-core machine run far faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_prefix_select_forward_and_straight_through_backward():

@@ -7,6 +7,7 @@ import numpy as np
 from moela.allocators import allocate
 from moela.plot import plan_grid, plot_plan
 
+from tests.test_alloc_static import one_thread  # noqa: F401  (autouse fixture)
 from tests.conftest import tiny_model
 
 

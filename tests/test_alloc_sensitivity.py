@@ -11,6 +11,7 @@ from moela.allocators.data import collate
 from moela.allocators.sensitivity import probe, vote
 from moela.plan import find_targets, layer_index, module_type
 
+from tests.test_alloc_static import one_thread  # noqa: F401  (autouse fixture)
 from tests.conftest import TARGETS, tiny_model
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import transformers
 
 from moela.allocators import allocate, available
@@ -12,8 +13,16 @@ from moela.plan import AllocationPlan, layer_index, module_type
 from tests.conftest import TINY, tiny_model
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small ops on a shared 2-core machine run far faster on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_llama(layers: int, seed: int = 0):
-    import torch
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(
         transformers.LlamaConfig(**{**TINY, "num_hidden_layers": layers})).eval()
