@@ -3,7 +3,8 @@
 Model: ../shared/models/stories260k (a tiny real Llama); data: the first N BoolQ training examples of
 ../shared/data/llm-adapters (Alpaca prompt, loss on the response). Times, on the same examples:
   - ``sensitivity`` allocation (single-example probe, as the public code),
-  - ``guilomo`` allocation (defaults: first-order, one pass over the 90% training split, batch 8),
+  - ``guilomo`` allocation (defaults: first-order, one pass over the 90% training split, batch 8), and the
+    same with the second-order update,
   - one epoch of training a uniform E=4, r=8 LoRA-MoE with AdamW (batch 8, balance loss 1e-3).
 
     .venv/bin/python benchmarks/allocation_cost.py [--examples 256] [--threads 2]
@@ -69,10 +70,15 @@ def main() -> None:
     results["guilomo_s"] = time.perf_counter() - start
     results["guilomo_steps"] = plan.meta["cost"]["steps"]
 
+    start = time.perf_counter()
+    moela.allocate("guilomo", model, data=features, batch_size=args.batch_size, second_order=True)
+    results["guilomo_second_order_s"] = time.perf_counter() - start
+
     seconds, steps = train_epoch(model, features, pad_id, args.batch_size)
     results.update(epoch_s=seconds, epoch_steps=steps)
     results["sensitivity_per_epoch"] = results["sensitivity_s"] / seconds
     results["guilomo_per_epoch"] = results["guilomo_s"] / seconds
+    results["guilomo_second_order_per_epoch"] = results["guilomo_second_order_s"] / seconds
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()}, indent=1))
 
 

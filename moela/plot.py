@@ -53,9 +53,11 @@ def plot_plan(plan: AllocationPlan, path: str | Path, model: nn.Module | None = 
         ax.set_title(label)
         fig.colorbar(image, ax=ax, shrink=0.8)
         if grid.size <= 400:
+            middle = (np.nanmin(grid) + np.nanmax(grid)) / 2
             for (row, col), value in np.ndenumerate(grid):
                 if not np.isnan(value):
-                    ax.text(col, row, int(value), ha="center", va="center", fontsize=7, color="w")
+                    ax.text(col, row, int(value), ha="center", va="center", fontsize=7,
+                            color="black" if value > middle else "white")
     title = plan.meta.get("method", "plan")
     if model is not None:
         title += f" — {plan.num_trainable(model):,} trainable parameters"

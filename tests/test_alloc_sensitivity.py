@@ -116,3 +116,8 @@ def test_proportional_budget_determinism_and_loader_input():
     loader = DataLoader(data, batch_size=1, collate_fn=collate)
     c = allocate("sensitivity", model, data=loader, budget="uniform:E=2,r=8")
     assert c.meta["scores"]["sensitivity"] == pytest.approx(a.meta["scores"]["sensitivity"], rel=1e-6)
+
+
+def test_vote_budget_below_the_smallest_allocation_names_the_minimum():
+    with pytest.raises(ValueError, match="below the minimum of .*smallest vote allocation"):
+        allocate("sensitivity", tiny_model("llama"), data=examples(4, tasks=2), budget=100)

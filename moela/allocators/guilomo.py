@@ -135,7 +135,8 @@ def search(model: nn.Module, names: list[str], train: list[dict], val: list[dict
            top_k: int, alpha: float, min_experts: int, lr: float, gsv_lr: float, steps: int, second_order: bool,
            balance: float, check_every: int, patience: int, seed: int, cost: Cost) -> dict[str, GSVLinear]:
     """Run the bilevel search on search layers swapped in for ``names``; return them (detached from the model,
-    which gets its own modules, flags and mode back)."""
+    which gets its own modules, flags and mode back). The search runs in eval mode (no dropout), so the seed
+    fixes the result."""
     device = next(model.parameters()).device
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training

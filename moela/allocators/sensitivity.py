@@ -128,11 +128,13 @@ def sensitivity(model: nn.Module, *, targets: Any, budget: int | str | None = No
 
     if mode == "vote":
         if target is not None:
-            grid = np.linspace(0, 100, 401)
-            costs = [plan_cost(plan_of(vote(per_task, names, q)), dims) for q in grid]
-            inside = [q for q, c in zip(grid, costs) if abs(c - target) <= TOLERANCE * target]
-            p = float(min(inside, key=lambda q: abs(q - p)) if inside else
-                      grid[int(np.argmin([abs(c - target) for c in costs]))])
+            costs = {float(q): plan_cost(plan_of(vote(per_task, names, q)), dims) for q in np.linspace(0, 100, 401)}
+            costs = {q: c for q, c in costs.items() if c > 0}
+            if min(costs.values()) > target * (1 + TOLERANCE):
+                raise ValueError(f"budget {target:,} is below the minimum of {min(costs.values()):,} parameters "
+                                 f"(the smallest vote allocation, experts of rank {rank})")
+            inside = [q for q, c in costs.items() if abs(c - target) <= TOLERANCE * target]
+            p = min(inside, key=lambda q: abs(q - p)) if inside else min(costs, key=lambda q: abs(costs[q] - target))
         modules = plan_of(vote(per_task, names, p))
         if target is not None:
             warn_if_missed(target, plan_cost(modules, dims))
