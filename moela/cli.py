@@ -367,7 +367,7 @@ def evaluate_model(model, config: dict, setup: dict) -> tuple[dict, list]:
 def compare(config: dict, methods: Sequence[str], *, overwrite: bool = False, resume: bool = False) -> list[dict]:
     """Run every method on the same model, data and seed at the same budget, each in
     ``output_dir/<method>``; write ``output_dir/report.md`` and ``compare.json``; return the rows."""
-    from .report import metrics_table, write_compare_report
+    from .report import metrics_table, run_row, write_compare_report
 
     check_methods(methods)
     out = Path(config["output_dir"])
@@ -378,6 +378,12 @@ def compare(config: dict, methods: Sequence[str], *, overwrite: bool = False, re
     for method in methods:
         sub = merge(config, {"adapter": {"method": method, "budget": budget}, "output_dir": str(out / method)})
         started = time.perf_counter()
+        done = out / method
+        if resume and (done / FINISHED).is_file():  # an interrupted comparison keeps its finished runs
+            metrics = json.loads((done / "metrics.json").read_text())
+            routing = json.loads((done / "routing.json").read_text())
+            rows.append(run_row(method, metrics, routing, metrics["adapter_params"]) | {"run_dir": str(done)})
+            continue
         row = run_one(sub, resume=resume)
         row["seconds"] = round(time.perf_counter() - started, 1)
         print(f"[{method}] accuracy {100 * row['metrics']['accuracy']:.1f}% in {row['seconds']} s", flush=True)

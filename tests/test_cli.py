@@ -46,6 +46,27 @@ def test_run_with_a_method_list_compares(tmp_path, tiny_lm):
     assert main(["run", str(config), "adapter.method=[lora, uniform]", "adapter.budget=uniform:E=2,r=2"]) == 0
     rows = json.loads((tmp_path / "run" / "compare.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["lora", "uniform"]
+    # an interrupted comparison resumes: finished runs are kept, the others are run again
+    (tmp_path / "run" / "FINISHED").unlink()
+    (tmp_path / "run" / "uniform" / "FINISHED").unlink()
+    lora_metrics = (tmp_path / "run" / "lora" / "metrics.json").stat().st_mtime_ns
+    assert main(["compare", str(config), "--methods", "lora,uniform", "adapter.budget=uniform:E=2,r=2", "--resume"]) == 0
+    assert (tmp_path / "run" / "lora" / "metrics.json").stat().st_mtime_ns == lora_metrics
+    assert (tmp_path / "run" / "uniform" / "FINISHED").is_file() and (tmp_path / "run" / "FINISHED").is_file()
+
+
+def test_train_then_evaluate_and_plan_show(tmp_path, tiny_lm, capsys):
+    config = lm_config(tmp_path, tiny_lm, train={"max_steps": 2})
+    assert main(["train", str(config)]) == 0
+    run = tmp_path / "run"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and not (run / "metrics.json").exists()
+    assert main(["evaluate", str(run), "eval.max_new_tokens=2", "-o", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["protocol"] == "generation"
+    capsys.readouterr()
+    assert main(["plan", "show", str(run), "--plot", str(tmp_path / "plan.png")]) == 0
+    out = capsys.readouterr().out
+    assert "total trainable parameters" in out
+    assert (tmp_path / "plan.png").is_file() or "heatmap unavailable" in out
 
 
 def test_allocate_dry_run_and_plan_show(tmp_path, tiny_lm, capsys):

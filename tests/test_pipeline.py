@@ -100,6 +100,8 @@ def test_run_writes_the_run_directory(tmp_path, tiny_lm, capsys):
         assert sum(module["load"]) == pytest.approx(1.0)
     report = (run / "report.md").read_text()
     assert "| uniform |" in report and "expert_load.png" in report
+    logged = json.loads((run / "train_log.json").read_text())["log_history"]
+    assert any("balance" in entry for entry in logged)  # the balance loss is logged next to the loss
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["adapter"]["method"] == "uniform" and resolved["train"]["seed"] == 0
     capsys.readouterr()
