@@ -60,7 +60,8 @@ DEFAULTS: dict[str, Any] = {
         "gradient_checkpointing": False, "progress": True,
     },
     "eval": {
-        "protocol": "auto",         # auto | generation | loglik | classification
+        "protocol": "auto",         # auto | generation | loglik | classification | lm_eval (extra)
+        "lm_eval_tasks": None,      # lm_eval: harness task names
         "max_new_tokens": 32, "num_beams": 1, "length_normalize": False, "batch_size": 16,
     },
 }
@@ -353,11 +354,13 @@ def run_one(config: dict, *, overwrite: bool = False, resume: bool = False, eval
 
 
 def evaluate_model(model, config: dict, setup: dict) -> tuple[dict, list]:
-    from .evaluate import evaluate
+    from .evaluate import evaluate, lm_eval_harness
 
+    ev = config["eval"]
+    if ev["protocol"] == "lm_eval":
+        return lm_eval_harness(model, setup["tokenizer"], ev["lm_eval_tasks"] or [], ev["batch_size"]), []
     if not setup["eval_records"]:
         raise ValueError("no evaluation data: set data.eval or data.val_size")
-    ev = config["eval"]
     return evaluate(model, setup["tokenizer"], setup["eval_records"], setup["kind"], protocol=ev["protocol"],
                     features=setup["eval_features"], template=config["data"]["template"],
                     max_new_tokens=ev["max_new_tokens"], num_beams=ev["num_beams"],

@@ -8,6 +8,7 @@
 - ``classification``: arg-max of the classifier logits.
 
 The three give numbers that are not comparable with each other, so ``metrics.json`` names the protocol.
+``lm_eval`` (optional extra) hands the adapted model to lm-evaluation-harness instead.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from .data import Collator, format_prompt
 from .inject import moela_layers
 
-PROTOCOLS = ("generation", "loglik", "classification")
+PROTOCOLS = ("generation", "loglik", "classification")  # and "lm_eval", run through lm_eval_harness
 _NUMBER = re.compile(r"-?\d+\.?\d*")
 _ANSWER_IS = re.compile(r"answer is:?\s*\(?([A-Za-z0-9_]+)", re.IGNORECASE)
 
@@ -196,6 +197,24 @@ def summarise(rows: Sequence[dict], protocol: str, **settings: Any) -> dict[str,
     if protocol == "loglik":
         metrics["length_normalize"] = settings["length_normalize"]
     return metrics
+
+
+def lm_eval_harness(model: nn.Module, tokenizer, tasks: Sequence[str], batch_size: int = 16,
+                    **options: Any) -> dict[str, Any]:
+    """lm-evaluation-harness on the adapted model (``HFLM(pretrained=model)``): per-task ``acc`` in the
+    same ``metrics`` layout. Needs ``pip install 'moela[eval]'``."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        raise ValueError("eval.protocol lm_eval needs lm-evaluation-harness: pip install 'moela[eval]'") from None
+    if not tasks:
+        raise ValueError("eval.protocol lm_eval needs eval.lm_eval_tasks (e.g. [boolq, piqa])")
+    results = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
+                                      tasks=list(tasks), **options)["results"]
+    per_task = {t: {"accuracy": r.get("acc,none"), "accuracy_norm": r.get("acc_norm,none")} for t, r in results.items()}
+    accs = [v["accuracy"] for v in per_task.values() if v["accuracy"] is not None]
+    return {"protocol": "lm_eval", "accuracy": sum(accs) / len(accs) if accs else None, "n": 0, "tasks": per_task}
 
 
 # --- routing statistics -----------------------------------------------------------------------------------

@@ -240,3 +240,14 @@ def test_routing_statistics_known_answers(tiny_lm):
     inject(lora, AllocationPlan.uniform(lora, ["q_proj"], experts=1, rank=4))
     stats = routing_statistics(lora, loader)
     assert stats["active_params_per_token"] == pytest.approx(2 * 4 * (32 + 32)) == stats["adapter_params"]
+
+
+def test_lm_eval_protocol_needs_its_extra():
+    import importlib.util
+
+    from moela.evaluate import lm_eval_harness
+
+    if importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm-eval is installed; this checks the message shown without it")
+    with pytest.raises(ValueError, match=r"pip install 'moela\[eval\]'"):
+        lm_eval_harness(torch.nn.Linear(1, 1), None, ["boolq"])
