@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from moela.allocators import allocate, available
 from moela.plan import AllocationPlan
 
-from tests.conftest import tiny_model
+from tests.conftest import ARCHITECTURES, TARGETS, tiny_model
 from tests.test_alloc_static import one_thread  # noqa: F401  (autouse fixture)
 from tests.test_alloc_sensitivity import examples
 
@@ -45,3 +46,15 @@ def test_data_driven_allocators_say_they_need_data():
     for method in DATA_DRIVEN:
         with pytest.raises(ValueError, match="needs data|at least 2"):
             allocate(method, tiny_model("llama"))
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_model_dependent_allocators_on_every_architecture(kind):
+    model = tiny_model(kind)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    data = examples(12, classify=kind == "bert")
+    for method in ("sensitivity", "alphalora", "guilomo"):
+        plan = allocate(method, model, targets=TARGETS[kind], data=data, **OPTIONS.get(method, {}))
+        plan.validate(model)
+        assert plan.meta["budget"]["achieved"] == plan.num_trainable(model)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

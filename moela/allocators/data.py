@@ -56,12 +56,14 @@ def batches(data: Any, batch_size: int = 1, limit: int | None = None, seed: int 
 
 
 def pad_id(model: torch.nn.Module) -> int:
+    """The config's pad (else eos) token id when it is a valid token, else 0: padded positions are masked."""
     config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
     for key in ("pad_token_id", "eos_token_id"):
         value = getattr(config, key, None)
         if isinstance(value, list):
             value = value[0]
-        if isinstance(value, int):
+        if isinstance(value, int) and (vocab is None or 0 <= value < vocab):
             return value
     return 0
 
