@@ -17,7 +17,7 @@ _REGISTRY: dict[str, Allocator] = {}
 
 
 def register(name: str) -> Callable[[Allocator], Allocator]:
-    """Decorator: make ``fn(model, *, targets, budget, data, **options) -> AllocationPlan`` available as
+    """Decorator: make ``fn(model, *, targets, budget, data, seed, **options) -> AllocationPlan`` available as
     ``allocate(name, ...)``."""
     def wrap(fn: Allocator) -> Allocator:
         _REGISTRY[name] = fn
@@ -30,16 +30,13 @@ def available() -> list[str]:
 
 
 def allocate(method: str, model: nn.Module, *, targets: Any = "all-linear", budget: int | str | None = None,
-             data: Any = None, **options: Any) -> AllocationPlan:
-    """Run allocator ``method`` on ``model``'s ``targets`` and return its plan (within ±2% of ``budget``
-    when one is given)."""
+             data: Any = None, seed: int = 0, **options: Any) -> AllocationPlan:
+    """Run allocator ``method`` on ``model``'s ``targets`` and return its plan (within ±2% of ``budget``, a
+    parameter count or ``"uniform:E=4,r=8"``, when one is given; the same plan for the same ``seed``).
+    ``data`` (a DataLoader or tokenised examples) is needed by the data-driven methods."""
     if method not in _REGISTRY:
         raise ValueError(f"unknown allocation method {method!r}; available: {', '.join(available())}")
-    return _REGISTRY[method](model, targets=targets, budget=budget, data=data, **options)
+    return _REGISTRY[method](model, targets=targets, budget=budget, data=data, seed=seed, **options)
 
 
-from . import uniform  # noqa: E402,F401  (registers the built-in methods)
-from . import mola, hilo  # noqa: E402,F401
-from . import sensitivity  # noqa: E402,F401
-from . import alphalora  # noqa: E402,F401
-from . import guilomo  # noqa: E402,F401
+from . import alphalora, guilomo, hilo, mola, sensitivity, uniform  # noqa: E402,F401  (register the built-ins)
