@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from moela.allocators import allocate
 from moela.allocators.data import collate
-from moela.allocators.sensitivity import probe, vote
+from moela.allocators.sensitivity import probe, squared_grad_norm, vote
 from moela.plan import find_targets, layer_index, module_type
 
 from tests.test_alloc_static import one_thread  # noqa: F401  (autouse fixture)
@@ -42,6 +42,14 @@ def reference_scores(model, names, data) -> dict[str, float]:
         for n, g in zip(names, grads):
             out[n] += float(g.double().pow(2).sum())
     return out
+
+
+@pytest.mark.parametrize("tokens,d_in,d_out", [(50, 4, 3), (3, 40, 30)])  # gradient path, Gram path
+def test_squared_grad_norm_both_ways(tokens, d_in, d_out):
+    g = torch.Generator().manual_seed(0)
+    x, grad = torch.randn(2, tokens, d_in, generator=g), torch.randn(2, tokens, d_out, generator=g)
+    want = (grad.reshape(-1, d_out).double().T @ x.reshape(-1, d_in).double()).pow(2).sum().item()
+    assert squared_grad_norm(x, grad) == pytest.approx(want, rel=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])

@@ -24,11 +24,12 @@ from .data import Cost, batches, pad_id, prepare
 
 
 def squared_grad_norm(x: torch.Tensor, g: torch.Tensor) -> float:
-    """``‖Gᵀ X‖_F²`` for tokens ``x`` (…, d_in) and output gradients ``g`` (…, d_out), in float64."""
-    x, g = x.reshape(-1, x.shape[-1]).double(), g.reshape(-1, g.shape[-1]).double()
+    """``‖Gᵀ X‖_F²`` for tokens ``x`` (…, d_in) and output gradients ``g`` (…, d_out), through the smaller of
+    the (T × T) Gram matrices or the (d_out × d_in) gradient, in float32 summed in float64."""
+    x, g = x.reshape(-1, x.shape[-1]).float(), g.reshape(-1, g.shape[-1]).float()
     if x.shape[0] ** 2 < x.shape[1] * g.shape[1]:
-        return float(((x @ x.T) * (g @ g.T)).sum())
-    return float((g.T @ x).pow(2).sum())
+        return float(((x @ x.T) * (g @ g.T)).sum(dtype=torch.float64))
+    return float((g.T @ x).pow(2).sum(dtype=torch.float64))
 
 
 def probe(model: nn.Module, names: list[str], probe_batches: list[dict[str, torch.Tensor]],
@@ -44,6 +45,8 @@ def probe(model: nn.Module, names: list[str], probe_batches: list[dict[str, torc
 
     def watch(name: str):
         def forward_hook(module, args, output):
+            if not args:
+                raise ValueError(f"sensitivity: module {name!r} was called without a positional input")
             x = args[0].detach()
             if output.requires_grad:
                 output.register_hook(lambda g: scores[current["task"]].__setitem__(
