@@ -129,3 +129,16 @@ def test_proportional_budget_determinism_and_loader_input():
 def test_vote_budget_below_the_smallest_allocation_names_the_minimum():
     with pytest.raises(ValueError, match="below the minimum of .*smallest vote allocation"):
         allocate("sensitivity", tiny_model("llama"), data=examples(4, tasks=2), budget=100)
+
+
+def test_probe_never_asks_for_a_weight_gradient():
+    """Memory bound: no weight requires a gradient during the probe (the norms come from hooks)."""
+    model = tiny_model("llama")
+    seen = []
+    handles = [m.register_forward_pre_hook(lambda m, a: seen.append(m.weight.requires_grad))
+               for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    allocate("sensitivity", model, data=examples(2))
+    for h in handles:
+        h.remove()
+    assert seen and not any(seen)
+    assert all(p.requires_grad for p in model.parameters())  # the caller's flags are back
