@@ -152,3 +152,10 @@ def test_search_gives_capacity_to_the_module_that_needs_it(seed):
     needs, idle = plan["layers.0.proj"], plan["layers.1.proj"]
     assert idle.num_experts == 2
     assert needs.num_experts > idle.num_experts and sum(needs.ranks) > sum(idle.ranks)
+
+
+def test_search_stops_early_once_the_selections_stop_moving():
+    model = tiny_model("llama")
+    plan = allocate("guilomo", model, data=examples(24), batch_size=4, epochs=50, max_steps=50, gsv_lr=0.0,
+                    check_every=2, patience=2)
+    assert plan.meta["cost"]["steps"] == 6  # checks at steps 2 (first), 4 and 6 (unchanged twice)
