@@ -535,7 +535,16 @@ def cmd_export(ns) -> None:
 
 
 OVERRIDE_HELP = ("config overrides key=value (YAML values), e.g. train.epochs=2 adapter.method=hilo "
-                 "'adapter.options={experts: 4}' data.max_train_samples=200")
+                 "'adapter.options={uniform: {experts: 2}}' data.max_train_samples=200")
+
+
+def config_keys() -> str:
+    """The config keys, section by section, for ``--help``."""
+    lines = []
+    for section, value in DEFAULTS.items():
+        keys = ", ".join(value) if isinstance(value, dict) else None
+        lines.append(f"{section}.{{{keys}}}" if keys else section)
+    return "config keys: " + "; ".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -548,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def configured(name: str, help: str, run_flags: bool = True):
-        p = sub.add_parser(name, help=help, description=help, epilog=parser.epilog)
+        p = sub.add_parser(name, help=help, description=help, epilog=parser.epilog + " " + config_keys())
         p.add_argument("args", nargs="*", metavar="CONFIG|KEY=VALUE", help="a YAML config, then " + OVERRIDE_HELP)
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="one more override")
         p.add_argument("--default", action="store_true", help="use the built-in default config")
