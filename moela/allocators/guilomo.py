@@ -4,6 +4,10 @@ Every target gets a search layer with ``E_max`` experts of rank ``r_max``, an ex
 ``u_i`` per expert. The GSVs (outer variables) minimise the validation loss of the adapter weights (inner
 variables) trained on the training split, DARTS-style; the read-out turns them into a plan that the caller
 trains from scratch. The search swaps the target modules for search layers and puts the originals back.
+
+Only the selected GSV entry receives a gradient, so a selection moves only while its active prefix hurts the
+validation loss (then it is pushed down, and a count falls to ``n_min`` once entry 0 leads); where the
+experts help, the selection is merely reinforced. A short search can therefore return its seed-drawn start.
 """
 
 from __future__ import annotations
