@@ -11,9 +11,9 @@ The model is a randomly initialised Llama built from ``LlamaConfig`` (default hi
 
 A training step is forward + backward + AdamW step (moela variants add 1e-3 × the balance loss, as training
 does). Step times are interleaved over rounds so that machine drift hits every variant alike; the ratio
-columns are medians of per-round ratios. Peak memory is measured in a fresh subprocess per variant: on CPU
-the growth of the peak resident set (VmHWM, reset after loading) over the loaded model, on CUDA
-``max_memory_allocated`` growth. Generation is greedy ``generate`` with the KV cache, batch 1.
+columns are medians of per-round ratios. Peak memory is measured in a fresh subprocess per variant over two
+training steps: on CPU the growth of the peak resident set (VmHWM, reset after loading) over the loaded
+model, on CUDA the growth of ``max_memory_allocated``. Generation is greedy ``generate`` with the KV cache, batch 1.
 
 Run: ``python benchmarks/speed.py`` (about 4 minutes on 2 CPU threads; ``--quick`` for a 2-layer smoke run);
 on a GPU: ``python benchmarks/speed.py --device cuda --dtype bfloat16``.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -147,7 +148,10 @@ def _status_kib(field: str) -> int:
 
 
 def memory_in_subprocess(name: str, argv: list[str]) -> dict[str, float]:
-    out = subprocess.run([sys.executable, __file__, *argv, "--memory-of", name], check=True,
+    """:func:`peak_memory` in a fresh process. glibc's malloc there maps every block of 64 KiB or more on its
+    own (``MALLOC_MMAP_THRESHOLD_``), so that the resident set follows live memory, not the allocator's cache."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, __file__, *argv, "--memory-of", name], check=True, env=env,
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -172,13 +176,13 @@ def parse(argv: list[str] | None):
     args = parser.parse_args(argv)
     if args.quick:
         args.layers, args.batch, args.seq, args.rounds, args.new_tokens = 2, 2, 128, 2, 16
-    torch.set_num_threads(args.threads)
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
+    torch.set_num_threads(args.threads)
     if args.memory_of:
         print(json.dumps(peak_memory(args.memory_of, args)))
         return {}

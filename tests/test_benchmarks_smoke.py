@@ -1,0 +1,62 @@
+"""The benchmark scripts' building blocks run and compare like with like (nothing is timed here)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from moela.reference import LoopLoraMoELinear, loop_forward
+
+pytest.importorskip("peft")
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_layer_speed_variants_share_base_and_budget():
+    layer_speed = load("layer_speed")
+    ranks = [2, 4, 1]
+    modules = layer_speed.build(16, ranks, 2, torch.float64, "cpu")
+    peft_layer, packed = modules["peft"], modules["packed"]
+    assert peft_layer.base_layer is packed.base_layer is modules["base"]
+    lora = [p for p in peft_layer.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in lora) == sum(ranks) * 32
+    x = torch.randn(9, 16, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(packed(x), loop_forward(packed, x))
+    for name in layer_speed.VARIANTS:
+        layer_speed.step_fn(name, modules[name], x, torch.ones(9, 16, dtype=torch.float64))()
+        assert x.grad is None and all(p.grad is None for p in modules[name].parameters())
+
+
+def test_speed_variants_train_generate_and_match_budgets():
+    speed = load("speed")
+    args = speed.parse(["--hidden", "32", "--intermediate", "48", "--layers", "4", "--heads", "4", "--vocab", "97",
+                        "--batch", "2", "--seq", "8", "--prompt", "3", "--new-tokens", "2"])
+    built = {name: speed.build(name, args) for name in speed.VARIANTS}
+    counts = {name: count for name, (_, count) in built.items()}
+    assert counts["loop"] == counts["uniform"]
+    per_rank = 7 * 4 * (32 + 32) + 4 * 3 * (32 + 48)  # one more PEFT rank adds this many parameters
+    assert abs(counts["peft"] - counts["uniform"]) <= per_rank / 2
+    assert abs(counts["hetero"] - counts["uniform"]) < 0.25 * counts["uniform"]
+    loop_model, uniform_model = built["loop"][0], built["uniform"][0]
+    assert all(isinstance(m, LoopLoraMoELinear) for m in loop_model.modules() if hasattr(m, "lora_A"))
+    with torch.no_grad():
+        for (name, p), q in zip(uniform_model.named_parameters(), loop_model.parameters()):
+            p.copy_(torch.randn_like(p) if "lora_B" in name else p)
+            q.copy_(p)
+    ids = speed.batch(args)
+    torch.testing.assert_close(loop_model(input_ids=ids).logits, uniform_model(input_ids=ids).logits)
+    for name, (model, _) in built.items():
+        before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        speed.train_step_fn(name, model, ids)()
+        after = [p for p in model.parameters() if p.requires_grad]
+        assert any(not torch.equal(a, b) for a, b in zip(before, after)), f"{name}: AdamW changed nothing"
+        speed.generate_fn(model.eval(), args)()
