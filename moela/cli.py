@@ -282,15 +282,14 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
-def run_one(config: dict, *, overwrite: bool = False, resume: bool = False, evaluate_after: bool = True,
-            quiet: bool = False) -> dict:
+def run_one(config: dict, *, overwrite: bool = False, resume: bool = False, evaluate_after: bool = True) -> dict:
     """allocate → train → (evaluate → report) into ``config['output_dir']``; returns the summary row."""
     import transformers
 
     from . import train as training
     from .config import MoelaConfig
-    from .evaluate import evaluate, routing_statistics
     from .data import make_loader
+    from .evaluate import routing_statistics
     from .inject import inject
     from .plan import AllocationPlan
     from .report import run_row, write_run_report
@@ -317,8 +316,7 @@ def run_one(config: dict, *, overwrite: bool = False, resume: bool = False, eval
             plan.meta.setdefault("allocation_seconds", round(time.perf_counter() - started, 3))
             plan.save(plan_path)
         trainable = plan.num_trainable(model)
-        if not quiet:
-            print(f"[{method}] plan: {len(plan)} modules, {trainable:,} adapter parameters", flush=True)
+        print(f"[{method}] plan: {len(plan)} modules, {trainable:,} adapter parameters", flush=True)
         transformers.set_seed(seed)
         adapter = config["adapter"]
         inject(model, MoelaConfig(plan, alpha=adapter["alpha"], dropout=adapter["dropout"], scaling=adapter["scaling"],
@@ -326,10 +324,9 @@ def run_one(config: dict, *, overwrite: bool = False, resume: bool = False, eval
         head = training.head_parameters(model, setup["task"], adapter["modules_to_save"], new_params)
         checkpoints = run_dir / "checkpoints"
         latest = transformers.trainer_utils.get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-        if resume and latest is None and not quiet:
+        if resume and latest is None:
             print(f"[{method}] no checkpoint in {checkpoints}; training from the start", flush=True)
-        train_cfg = dict(config["train"], gradient_checkpointing=config["train"]["gradient_checkpointing"])
-        history = training.train(model, setup["train_features"], setup["tokenizer"].pad_token_id, train_cfg,
+        history = training.train(model, setup["train_features"], setup["tokenizer"].pad_token_id, config["train"],
                                  checkpoints, head=head, resume=latest if resume else None)
         training.save_trained(model, run_dir / "adapter", head)
         write_json(run_dir / "train_log.json", history)

@@ -7,8 +7,8 @@ and the same kinds of words under both labels, so word counts alone do not solve
 - ``lexical``: "animal?" — one of three nouns is an animal, or none is (a lookup).
 - ``order``: "animal acts?" — the same animal and object swap subject and object
   positions (word order; a bag of words cannot tell).
-- ``negation``: "true?" — a fact, then a claim about it, possibly negated: the label is the XOR of "the
-  colours agree" and "not" (composition; neither word alone carries any information).
+- ``negation``: "true?" — "… it is [not] an animal": the label is the XOR of "the noun is an animal" and
+  "not" (a lexical fact composed with negation; neither word alone carries any information).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 SOURCE = "moela:demo"
-SIZES = {"train": 300, "test": 100}  # examples per task
+SIZES = {"train": 200, "test": 80}  # examples per task
 ANIMALS = "cat dog horse cow sheep goat rabbit mouse lion tiger bear wolf fox deer duck".split()
 OBJECTS = "box chair table lamp cup spoon book pen door bottle hat coat shoe ring clock".split()
 PLACES = "river house garden road hill field kitchen park".split()
@@ -47,11 +47,10 @@ def _order(rng: random.Random, label: int) -> str:
 
 
 def _negation(rng: random.Random, label: int) -> str:
-    animal, colour = rng.choice(ANIMALS), rng.choice(COLOURS)
-    negated = rng.random() < 0.5
-    # true claims: "it is <colour>", "it is not <other>"; false: "it is <other>", "it is not <colour>"
-    said = colour if (label == 1) != negated else rng.choice([c for c in COLOURS if c != colour])
-    return f"the {rng.choice(ADJECTIVES)} {animal} is {colour} . it is {'not ' if negated else ''}{said}"
+    animal = rng.random() < 0.5
+    negated = (label == 1) != animal  # the claim "it is [not] an animal" is true iff animal XOR negated
+    noun = rng.choice(ANIMALS if animal else OBJECTS)
+    return f"the {rng.choice(ADJECTIVES)} {noun} {rng.choice(VERBS)} it . it is {'not ' if negated else ''}an animal"
 
 
 GENERATORS = {"lexical": _lexical, "order": _order, "negation": _negation}
@@ -104,6 +103,6 @@ def default_config() -> dict[str, Any]:
         "adapter": {"method": default_methods(), "targets": "all-linear", "budget": "uniform:E=4,r=4",
                     "alloc_samples": 96, "options": {"sensitivity": {"examples": 96}}, "alpha": 16.0,
                     "dropout": 0.0},
-        "train": {"epochs": 2, "batch_size": 32, "lr": 2e-3, "warmup_ratio": 0.06, "logging_steps": 10, "seed": 0},
+        "train": {"epochs": 2, "batch_size": 16, "lr": 2e-3, "warmup_ratio": 0.06, "logging_steps": 10, "seed": 0},
         "eval": {"batch_size": 64},
     }
