@@ -336,7 +336,7 @@ def run_one(config: dict, *, overwrite: bool = False, resume: bool = False, eval
             loader = make_loader(setup["eval_features"], setup["tokenizer"].pad_token_id,
                                  batch_size=config["eval"]["batch_size"])
             routing = routing_statistics(model, loader)
-            metrics.update(method=method, adapter_params=trainable,
+            metrics.update(method=method, adapter_params=trainable, budget=plan.meta.get("budget"),
                            active_params_per_token=routing["active_params_per_token"])
             write_json(run_dir / "metrics.json", metrics)
             write_json(run_dir / "predictions.json", rows)
@@ -388,8 +388,11 @@ def compare(config: dict, methods: Sequence[str], *, overwrite: bool = False, re
         row["seconds"] = round(time.perf_counter() - started, 1)
         print(f"[{method}] accuracy {100 * row['metrics']['accuracy']:.1f}% in {row['seconds']} s", flush=True)
         rows.append(row)
-    write_json(out / "compare.json", {"budget": budget, "rows": rows})
-    report = write_compare_report(out, rows, budget)
+    targets = [r["metrics"].get("budget", {}).get("target") for r in rows if r["metrics"].get("budget")]
+    described = f"{budget} = {targets[0]:,} parameters" if targets else str(budget)
+    write_json(out / "compare.json", {"budget": budget, "budget_parameters": targets[0] if targets else None,
+                                      "rows": rows})
+    report = write_compare_report(out, rows, described)
     atomic_write_text(out / FINISHED, time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
     print()
     print(metrics_table(rows))

@@ -59,10 +59,10 @@ def test_minilm_on_sst2_beats_the_majority_class(shared, tmp_path):
     run = tmp_path / "sst2"
     config = tmp_path / "sst2.yaml"
     config.write_text(f"model: {{name_or_path: {minilm_folder()}, task: sequence_classification}}\n"
-                      f"data: {{train: {{path: {sst / 'train.tsv'}, limit: 320}}, eval: {sst / 'dev.tsv'}, "
+                      f"data: {{train: {{path: {sst / 'train.tsv'}, limit: 400}}, eval: {sst / 'dev.tsv'}, "
                       "cutoff_len: 64}\n"
                       "adapter: {method: lora, options: {rank: 8}, dropout: 0.0}\n"
-                      "train: {epochs: 2, batch_size: 16, lr: 1.0e-3, progress: false}\n"
+                      "train: {epochs: 3, batch_size: 16, lr: 3.0e-3, progress: false}\n"
                       "eval: {batch_size: 128}\n")
     assert main(["run", str(config), f"output_dir={run}"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
