@@ -26,7 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "output_dir": None,
     "model": {
         "name_or_path": None,       # local folder, hub name, or moela:minilm (the packaged MiniLM)
-        "task": "auto",             # causal_lm | sequence_classification | auto (from the architecture)
+        "task": "auto",             # causal_lm | sequence_classification | multiple_choice | auto (from the architecture)
         "num_labels": None,         # classification: default from the training labels
         "dtype": "auto",            # auto | float32 | bfloat16 | float16
     },
@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
         "cutoff_len": 256,
         "train_on_inputs": False,   # causal LMs: loss on the response only by default
         "task_column": None,        # a field naming each record's task (multi-task data)
-        "text_column": "sentence", "text_pair_column": None, "label_column": "label",
+        "text_column": "sentence", "text_pair_column": None, "label_column": "label", "choices_column": "choices",
         "max_train_samples": None, "max_eval_samples": None,
     },
     "adapter": {
@@ -175,7 +175,8 @@ def read_sources(spec: Any, kind: str, data_cfg: dict, split: str | None, limit:
         records += load_records(item["path"], kind, split=item.get("split", split), task=item.get("task"),
                                 task_column=data_cfg["task_column"], text_column=data_cfg["text_column"],
                                 text_pair_column=data_cfg["text_pair_column"],
-                                label_column=data_cfg["label_column"], limit=item.get("limit"))
+                                label_column=data_cfg["label_column"], choices_column=data_cfg["choices_column"],
+                                limit=item.get("limit"))
     return records[:limit] if limit else records
 
 
@@ -186,7 +187,7 @@ def prepare(config: dict, *, need_train: bool = True):
 
     model_cfg, data_cfg = config["model"], config["data"]
     task = training.model_task(model_cfg["name_or_path"], model_cfg["task"])
-    kind = "instruction" if task == "causal_lm" else "classification"
+    kind = training.DATA_KINDS[task]
     if data_cfg["train"] is None and need_train:
         raise ValueError("data.train is not set")
     # without need_train the training data is read only to hold the validation split out of it

@@ -7,6 +7,8 @@ Two record kinds, after normalisation:
   (candidate answers) when they can be read from the record. The prompt is the template filled with
   instruction/input; the target is ``output`` (or ``answer`` when ``output`` is empty).
 - ``classification`` (encoders): ``{"text", "text_pair", "label", "task"}`` with an integer ``label``.
+- ``multiple_choice`` (encoders): ``{"text", "choices", "label", "task"}``; ``label`` is the index of the right
+  choice (an integer, or a letter A, B, … as in ScienceQA).
 
 Every reader raises ValueError naming the file and the record (JSON list index, or 1-based line) at fault.
 """
@@ -31,7 +33,7 @@ TEMPLATES = {
                         "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"),
     "plain": "{instruction}\n{input}\n",
 }
-KINDS = ("instruction", "classification")
+KINDS = ("instruction", "classification", "multiple_choice")
 _FORMAT_LINE = re.compile(r"Answer format:\s*([^\n]+)\s*$", re.IGNORECASE)
 
 
@@ -97,7 +99,8 @@ def read_raw(source: str | Path, split: str | None = None) -> tuple[list[Any], s
 
 def load_records(source: str | Path, kind: str, *, split: str | None = None, task: str | None = None,
                  task_column: str | None = None, text_column: str = "sentence", text_pair_column: str | None = None,
-                 label_column: str = "label", limit: int | None = None) -> list[dict[str, Any]]:
+                 label_column: str = "label", choices_column: str = "choices",
+                 limit: int | None = None) -> list[dict[str, Any]]:
     """Read ``source`` and normalise each record to ``kind`` (module docstring). ``task`` names the task of
     every record; otherwise ``task_column`` gives it per record, else the task is the file's stem."""
     if kind not in KINDS:
@@ -112,6 +115,8 @@ def load_records(source: str | Path, kind: str, *, split: str | None = None, tas
             raise ValueError(f"{place}: expected an object, got {type(row).__name__}")
         if kind == "instruction":
             record = _instruction(row, place)
+        elif kind == "multiple_choice":
+            record = _multiple_choice(row, place, text_column, text_pair_column, choices_column, label_column)
         else:
             record = _classification(row, place, text_column, text_pair_column, label_column)
         if task_column and not task:
@@ -190,6 +195,23 @@ def _classification(row: dict, place: str, text_column: str, pair_column: str | 
     return {"text": text, "text_pair": _string(row, pair_column, place) if pair_column else None, "label": label}
 
 
+def _multiple_choice(row: dict, place: str, text_column: str, context_column: str | None, choices_column: str,
+                     label_column: str) -> dict[str, Any]:
+    text = _string(row, text_column, place)
+    if context_column and _string(row, context_column, place, required=False).strip():
+        text = f"{row[context_column].strip()}\n{text}"
+    choices = row.get(choices_column)
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+        raise ValueError(f"{place}: field {choices_column!r} must be a list of at least two strings")
+    label = row.get(label_column)
+    if isinstance(label, str) and len(label.strip()) == 1 and label.strip().isalpha():
+        label = ord(label.strip().upper()) - ord("A")
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
+        raise ValueError(f"{place}: label {label_column!r} must name one of the {len(choices)} choices "
+                         f"(an index or a letter), got {row.get(label_column)!r}")
+    return {"text": text, "choices": list(choices), "label": label}
+
+
 def split_validation(records: list[dict], size: float | int, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Hold out ``size`` records (a fraction when a float) at random: (train, validation)."""
     count = int(round(size * len(records))) if isinstance(size, float) else int(size)
@@ -224,9 +246,12 @@ def tokenize(records: Sequence[dict], tokenizer, kind: str, *, template: str = "
     """Features per record: ``input_ids``, ``attention_mask``, ``labels``, ``task``.
 
     instruction: ``prompt + target + eos`` cut to ``cutoff_len`` tokens, ``labels`` = ids with the prompt
-    masked to -100 unless ``train_on_inputs``; classification: the text (pair) and its integer label.
+    masked to -100 unless ``train_on_inputs``; classification: the text (pair) and its integer label;
+    multiple_choice: one (text, choice) row per choice, every example padded to the most choices of
+    ``records`` with empty choices (which are never the label; evaluation ignores them).
     """
     tasks = tasks if tasks is not None else task_ids(records)
+    most = max((len(r["choices"]) for r in records if "choices" in r), default=0)
     features = []
     for record in records:
         if kind == "instruction":
@@ -241,6 +266,11 @@ def tokenize(records: Sequence[dict], tokenizer, kind: str, *, template: str = "
                 cut = min(len(prompt_ids), len(full))
                 labels[:cut] = [-100] * cut
             item = {"input_ids": full, "attention_mask": [1] * len(full), "labels": labels}
+        elif kind == "multiple_choice":
+            choices = record["choices"] + [""] * (most - len(record["choices"]))
+            encoded = tokenizer([record["text"]] * most, choices, truncation=True, max_length=cutoff_len)
+            item = {key: encoded[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded}
+            item["labels"] = record["label"]
         else:
             encoded = tokenizer(record["text"], record.get("text_pair"), truncation=True, max_length=cutoff_len)
             item = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
@@ -254,7 +284,8 @@ def tokenize(records: Sequence[dict], tokenizer, kind: str, *, template: str = "
 
 class Collator:
     """Pad a list of features into a batch: ``input_ids`` with the pad id, ``attention_mask``/``token_type_ids``
-    with 0, token ``labels`` with -100 (scalar labels are stacked); ``task`` kept unless ``keep_task=False``."""
+    with 0, token ``labels`` with -100 (scalar labels are stacked; multiple-choice rows are padded to one width);
+    ``task`` kept unless ``keep_task=False``."""
 
     def __init__(self, pad_token_id: int, padding_side: str = "right", keep_task: bool = True):
         self.pad_token_id = pad_token_id
@@ -262,14 +293,17 @@ class Collator:
         self.keep_task = keep_task
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
+        width = max(len(row) for f in features for row in _rows(f["input_ids"]))
         pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "token_type_ids": 0, "labels": -100}
         batch: dict[str, torch.Tensor] = {}
         for key in features[0]:
             if key == "task" and not self.keep_task:
                 continue
             values = [f[key] for f in features]
-            if isinstance(values[0], list):
+            if isinstance(values[0], list) and values[0] and isinstance(values[0][0], list):  # choices × tokens
+                rows = [[self._pad(c, width, pads.get(key, 0)) for c in v] for v in values]
+                batch[key] = torch.tensor(rows, dtype=torch.long)
+            elif isinstance(values[0], list):
                 rows = [self._pad(v, width, pads.get(key, 0)) for v in values]
                 batch[key] = torch.tensor(rows, dtype=torch.long)
             else:
@@ -279,6 +313,10 @@ class Collator:
     def _pad(self, values: list[int], width: int, value: int) -> list[int]:
         fill = [value] * (width - len(values))
         return values + fill if self.padding_side == "right" else fill + values
+
+
+def _rows(ids: list) -> list[list[int]]:
+    return ids if ids and isinstance(ids[0], list) else [ids]
 
 
 def make_loader(features: Sequence[dict], pad_token_id: int, batch_size: int = 8, shuffle: bool = False,

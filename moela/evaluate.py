@@ -5,7 +5,7 @@
   options are read after "The answer is" first), or the last number for numeric answers (correct within 1e-3).
 - ``loglik``: each option's continuation is scored by its log-probability after the prompt (lm-evaluation-
   harness style; ``length_normalize`` divides by its length in bytes); the best option is the prediction.
-- ``classification``: arg-max of the classifier logits.
+- ``classification``: arg-max of the classifier logits (for multiple choice, over the record's own choices).
 
 The three give numbers that are not comparable with each other, so ``metrics.json`` names the protocol.
 ``lm_eval`` (optional extra) hands the adapted model to lm-evaluation-harness instead.
@@ -124,13 +124,19 @@ def option_scores(model: nn.Module, tokenizer, prompt: str, continuations: Seque
 
 
 @torch.no_grad()
-def classify(model: nn.Module, features: Sequence[dict], pad_token_id: int, batch_size: int = 32) -> list[int]:
+def classify(model: nn.Module, features: Sequence[dict], pad_token_id: int, batch_size: int = 32,
+             num_choices: Sequence[int] | None = None) -> list[int]:
+    """Arg-max class per feature; with ``num_choices``, over each example's first ``num_choices[i]`` logits."""
     collate = Collator(pad_token_id, keep_task=False)
     predictions = []
     for start in range(0, len(features), batch_size):
         batch = collate(list(features[start:start + batch_size]))
         batch.pop("labels", None)
-        logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits
+        logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float()
+        if num_choices is not None:
+            real = torch.tensor(num_choices[start:start + batch_size], device=logits.device)
+            padded = torch.arange(logits.shape[-1], device=logits.device)[None, :] >= real[:, None]
+            logits = logits.masked_fill(padded, float("-inf"))
         predictions += logits.argmax(-1).tolist()
     return predictions
 
@@ -139,13 +145,14 @@ def evaluate(model: nn.Module, tokenizer, records: Sequence[dict], kind: str, *,
              features: Sequence[dict] | None = None, template: str = "alpaca", max_new_tokens: int = 32,
              num_beams: int = 1, length_normalize: bool = False, batch_size: int = 16) -> tuple[dict, list[dict]]:
     """Accuracy of ``model`` on ``records``: (metrics, per-record predictions). ``protocol`` ``auto`` is
-    ``classification`` for classification data and ``generation`` for instruction data; ``features`` (the
-    tokenised records) are needed for classification."""
+    ``classification`` for classification and multiple-choice data and ``generation`` for instruction data;
+    ``features`` (the tokenised records) are needed for classification."""
+    encoder = kind in ("classification", "multiple_choice")
     if protocol == "auto":
-        protocol = "classification" if kind == "classification" else "generation"
+        protocol = "classification" if encoder else "generation"
     if protocol not in PROTOCOLS:
         raise ValueError(f"eval.protocol must be one of {('auto',) + PROTOCOLS}, got {protocol!r}")
-    if (protocol == "classification") != (kind == "classification"):
+    if (protocol == "classification") != encoder:
         raise ValueError(f"eval.protocol {protocol!r} does not apply to {kind} data")
     was_training = model.training
     model.eval()
@@ -153,7 +160,8 @@ def evaluate(model: nn.Module, tokenizer, records: Sequence[dict], kind: str, *,
         if protocol == "classification":
             if features is None:
                 raise ValueError("classification evaluation needs the tokenised features")
-            predicted = classify(model, features, tokenizer.pad_token_id, batch_size)
+            choices = [len(r["choices"]) for r in records] if kind == "multiple_choice" else None
+            predicted = classify(model, features, tokenizer.pad_token_id, batch_size, choices)
             rows = [{"task": r["task"], "answer": r["label"], "prediction": p, "correct": p == r["label"]}
                     for r, p in zip(records, predicted)]
         else:
@@ -235,6 +243,7 @@ def routing_statistics(model: nn.Module, batches: Iterable[dict[str, torch.Tenso
     try:
         for batch in batches:
             mask = batch.get("attention_mask")
+            mask = mask.reshape(-1, mask.shape[-1]) if mask is not None else None  # multiple choice: (B·C, T)
             inputs = {k: v.to(model.device) for k, v in batch.items() if k not in ("labels", "task")}
             model(**inputs)
             n = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())

@@ -22,8 +22,12 @@ from .data import Collator
 from .inject import balance_loss, load_adapter, moela_layers, save_adapter
 
 HEAD_FILE = "head.safetensors"
-TASKS = ("causal_lm", "sequence_classification")
-_AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "sequence_classification": "AutoModelForSequenceClassification"}
+TASKS = ("causal_lm", "sequence_classification", "multiple_choice")
+_AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "sequence_classification": "AutoModelForSequenceClassification",
+                 "multiple_choice": "AutoModelForMultipleChoice"}
+# The record kind (moela.data) each model task trains on.
+DATA_KINDS = {"causal_lm": "instruction", "sequence_classification": "classification",
+              "multiple_choice": "multiple_choice"}
 # Output heads an encoder task trains with the adapter (PEFT's ``modules_to_save`` for sequence classification).
 CLASSIFIER_HEADS = ("classifier", "score")
 
@@ -37,7 +41,8 @@ def torch_dtype(name: str | None) -> torch.dtype | str:
 
 
 def model_task(name_or_path: str, task: str = "auto") -> str:
-    """``causal_lm`` or ``sequence_classification``; ``auto`` reads the architecture from the model config."""
+    """One of :data:`TASKS`; ``auto`` reads the architecture from the model config (a causal LM, else sequence
+    classification; multiple choice is never guessed)."""
     if task != "auto":
         if task not in TASKS:
             raise ValueError(f"model.task must be one of {('auto',) + TASKS}, got {task!r}")
@@ -75,9 +80,9 @@ def load_model(name_or_path: str, task: str, *, num_labels: int | None = None, d
 def head_parameters(model: nn.Module, task: str, modules_to_save: Sequence[str] | None = None,
                     new_parameters: Sequence[str] = ()) -> list[str]:
     """Names of the base parameters trained with the adapter: those of ``modules_to_save`` (path suffixes;
-    default for classification: the classifier head) and any newly initialised ones (e.g. a missing pooler)."""
+    default for encoder tasks: the classifier head) and any newly initialised ones (e.g. a missing pooler)."""
     names = list(modules_to_save) if modules_to_save is not None else (
-        list(CLASSIFIER_HEADS) if task == "sequence_classification" else [])
+        list(CLASSIFIER_HEADS) if task != "causal_lm" else [])
     chosen = []
     for pname, _ in model.named_parameters():
         module = pname.rsplit(".", 1)[0]

@@ -76,6 +76,35 @@ def test_bad_tsv_records_name_file_and_line(tmp_path, text, message):
         load_records(write(tmp_path / "s.tsv", text), "classification")
 
 
+@pytest.mark.parametrize("row, message", [
+    ({"question": "q", "choices": ["a"], "answer": "A"}, "field 'choices' must be a list of at least two strings"),
+    ({"question": "q", "choices": ["a", 3], "answer": "A"}, "field 'choices' must be a list"),
+    ({"question": "q", "choices": ["a", "b"], "answer": "C"}, "must name one of the 2 choices .* got 'C'"),
+    ({"question": "q", "choices": ["a", "b"]}, "must name one of the 2 choices .* got None"),
+    ({"choices": ["a", "b"], "answer": 0}, "field 'question' is missing"),
+])
+def test_bad_multiple_choice_records(tmp_path, row, message):
+    path = write(tmp_path / "mc.jsonl", json.dumps({"question": "q", "choices": ["a", "b"], "answer": 1}) + "\n"
+                 + json.dumps(row))
+    with pytest.raises(ValueError, match=rf"mc\.jsonl: line 2: .*{message}"):
+        load_records(path, "multiple_choice", text_column="question", label_column="answer")
+
+
+def test_multiple_choice_records_and_features(tmp_path):
+    path = write(tmp_path / "mc.jsonl", json.dumps({"hint": "ctx", "question": "q?", "choices": ["a", "b", "c"],
+                                                    "answer": "C"}) + "\n"
+                 + json.dumps({"hint": "", "question": "r?", "choices": ["x", "y"], "answer": 0}))
+    records = load_records(path, "multiple_choice", text_column="question", text_pair_column="hint",
+                           label_column="answer")
+    assert [(r["text"], r["label"]) for r in records] == [("ctx\nq?", 2), ("r?", 0)]
+    tok = byte_tokenizer()
+    features = tokenize(records, tok, "multiple_choice")
+    assert [len(f["input_ids"]) for f in features] == [3, 3]  # padded to the most choices with empty ones
+    assert tok.decode(features[1]["input_ids"][2]) == "r?"
+    batch = Collator(tok.pad_token_id)(features)
+    assert batch["input_ids"].shape[:2] == (2, 3) and batch["labels"].tolist() == [2, 0]
+
+
 def test_missing_task_column_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match=r"line 1: task column 'kind' is missing"):
         load_records(write(tmp_path / "a.jsonl", json.dumps(GOOD)), "instruction", task_column="kind")

@@ -37,10 +37,11 @@ def save_tiny(folder: Path, kind: str) -> Path:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
             hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=260, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0))
-    else:
-        model = transformers.BertForSequenceClassification(transformers.BertConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, vocab_size=260,
-            max_position_embeddings=128, num_labels=2, pad_token_id=0))
+    else:  # "bert": a sequence classifier; "bert-base": the bare encoder (for a multiple-choice head)
+        config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=48, vocab_size=260, max_position_embeddings=128,
+                                         num_labels=2, pad_token_id=0)
+        model = (transformers.BertForSequenceClassification if kind == "bert" else transformers.BertModel)(config)
     model.save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     return folder
@@ -183,6 +184,40 @@ def test_classifier_head_is_trained_saved_and_reloaded(tmp_path, tiny_bert, caps
     assert main(["evaluate", str(run), "-o", str(tmp_path / "again.json")]) == 0
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["accuracy"] == metrics["accuracy"]
+
+
+def test_multiple_choice_encoder_learns_and_ignores_padded_choices(tmp_path):
+    """ScienceQA-style records (question, 2-3 choices, answer letter); the right choice is always 'ok'."""
+    base = save_tiny(tmp_path / "bert", "bert-base")
+    words = ["no", "bad", "nil", "off", "low"]
+
+    def rows(n, offset):
+        out = []
+        for i in range(n):
+            k = 2 + (i + offset) % 2
+            choices = [words[(i + j) % 5] for j in range(k)]
+            right = (i * 7 + offset) % k
+            choices[right] = "ok"
+            out.append({"question": f"pick {i}", "choices": choices, "answer": "ABC"[right]})
+        return "\n".join(json.dumps(r) for r in out)
+    (tmp_path / "train.jsonl").write_text(rows(96, 0))
+    (tmp_path / "test.jsonl").write_text(rows(30, 1))
+    config = tmp_path / "mc.yaml"
+    config.write_text(f"model: {{name_or_path: {base}, task: multiple_choice}}\n"
+                      f"data: {{train: {tmp_path / 'train.jsonl'}, eval: {tmp_path / 'test.jsonl'}, "
+                      "text_column: question, label_column: answer}\n"
+                      "adapter: {method: uniform, options: {uniform: {experts: 2, rank: 2}}}\n"
+                      "train: {epochs: 6, batch_size: 8, lr: 1.0e-2, progress: false}\n")
+    run = tmp_path / "run"
+    assert main(["run", str(config), f"output_dir={run}"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["protocol"] == "classification" and metrics["n"] == 30
+    assert metrics["accuracy"] >= 0.75  # chance is 0.42 (2 or 3 choices)
+    predictions = json.loads((run / "predictions.json").read_text())
+    test = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    assert all(p["prediction"] < len(t["choices"]) for p, t in zip(predictions, test))
+    routing = json.loads((run / "routing.json").read_text())
+    assert all(sum(m["load"]) == pytest.approx(1.0) for m in routing["modules"].values())
 
 
 # --- evaluation pieces --------------------------------------------------------------------------------------
