@@ -285,6 +285,7 @@ def write_json(path: Path, data: Any) -> None:
 
 def run_one(config: dict, *, overwrite: bool = False, resume: bool = False, evaluate_after: bool = True) -> dict:
     """allocate → train → (evaluate → report) into ``config['output_dir']``; returns the summary row."""
+    import torch
     import transformers
 
     from . import train as training
@@ -320,8 +321,10 @@ def run_one(config: dict, *, overwrite: bool = False, resume: bool = False, eval
         print(f"[{method}] plan: {len(plan)} modules, {trainable:,} adapter parameters", flush=True)
         transformers.set_seed(seed)
         adapter = config["adapter"]
+        # adapter weights stay float32 under a bf16/fp16 base (METHODS.md §2.1)
         inject(model, MoelaConfig(plan, alpha=adapter["alpha"], dropout=adapter["dropout"], scaling=adapter["scaling"],
-                                  base_model_name_or_path=config["model"]["name_or_path"]))
+                                  base_model_name_or_path=config["model"]["name_or_path"]),
+               adapter_dtype=torch.float32)
         head = training.head_parameters(model, setup["task"], adapter["modules_to_save"], new_params)
         checkpoints = run_dir / "checkpoints"
         latest = transformers.trainer_utils.get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None

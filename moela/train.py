@@ -126,8 +126,8 @@ def load_head(model: nn.Module, directory: str | Path) -> list[str]:
 
 
 def load_trained(model: nn.Module, directory: str | Path, is_trainable: bool = False) -> nn.Module:
-    """Inverse of :func:`save_trained` on a fresh base model."""
-    load_adapter(model, directory, is_trainable=is_trainable)
+    """Inverse of :func:`save_trained` on a fresh base model (adapter weights in float32)."""
+    load_adapter(model, directory, is_trainable=is_trainable, adapter_dtype=torch.float32)
     load_head(model, directory)
     return model
 
