@@ -271,6 +271,8 @@ def check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return
     if overwrite:
+        if not any((run_dir / name).exists() for name in ("config.yaml", "compare.json", FINISHED, FAILED)):
+            raise ValueError(f"{run_dir} is not empty and is not a moela run folder; refusing to delete it")
         shutil.rmtree(run_dir)
         return
     if (run_dir / FINISHED).exists():

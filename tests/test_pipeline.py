@@ -155,6 +155,10 @@ def test_run_unfinished_needs_resume_or_overwrite(tmp_path, tiny_lm, capsys):
     (tmp_path / "run" / "plan.json").write_text("{}")
     assert main(["run", str(config)]) == 1
     assert "--resume" in capsys.readouterr().err
+    (tmp_path / "run" / "plan.json").unlink()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    assert main(["run", str(config), "--overwrite"]) == 1  # --overwrite deletes only moela run folders
+    assert "not a moela run folder" in capsys.readouterr().err and (tmp_path / "run" / "notes.txt").is_file()
 
 
 def classification_files(tmp: Path, n_train: int = 64, n_eval: int = 32) -> tuple[Path, Path]:
