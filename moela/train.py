@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from .config import WEIGHTS_NAME
 from .data import Collator
-from .inject import balance_loss, load_adapter, moela_layers, save_adapter
+from .inject import balance_loss, load_adapter, load_adapter_state_dict, moela_layers, save_adapter
 
 HEAD_FILE = "head.safetensors"
 TASKS = ("causal_lm", "sequence_classification", "multiple_choice")
@@ -134,9 +135,6 @@ def load_trained(model: nn.Module, directory: str | Path, is_trainable: bool = F
 
 def copy_trained(model: nn.Module, directory: str | Path) -> None:
     """Load adapter and head weights from ``directory`` into a model that already has the adapter."""
-    from .inject import load_adapter_state_dict
-    from .config import WEIGHTS_NAME
-
     load_adapter_state_dict(model, load_file(str(Path(directory) / WEIGHTS_NAME)), source=str(directory))
     load_head(model, directory)
 
