@@ -18,6 +18,7 @@ gives the best and the median round.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import torch
@@ -104,12 +105,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     x = torch.randn(args.tokens, args.d, device=args.device, dtype=dtype, requires_grad=True)
     grad = torch.randn(args.tokens, args.d, device=args.device, dtype=dtype)
     steps = {name: step_fn(name, modules[name], x, grad) for name in VARIANTS}
+    load_before = os.getloadavg()[0]
     times = measure(steps, args.rounds, args.min_run_time, args.device)
 
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {args.threads} threads"
     print(f"# layer_speed: {device}, torch {torch.__version__}, d={args.d}, tokens={args.tokens}, "
           f"ranks={ranks} (R={sum(ranks)}), top-{args.top_k}, {args.dtype}, forward+backward, "
-          f"{args.rounds} rounds of >= {args.min_run_time} s per variant")
+          f"{args.rounds} rounds of >= {args.min_run_time} s per variant; load average {load_before:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after")
     print(f"{'variant':<8} {'best ms':>8} {'median ms':>10}")
     for name in VARIANTS:
         print(f"{name:<8} {1e3 * min(times[name]):8.2f} {1e3 * statistics.median(times[name]):10.2f}")
