@@ -117,7 +117,8 @@ class LoraMoELinear(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits (…, E+M), selection mask (…, E+M) and renormalised real-expert gates ĝ (…, E)."""
-        logits = self.router(x.to(self.router.weight.dtype))  # float32 unless the user casts it
+        weight = self.router.weight  # float32 unless the user casts it
+        logits = self.router(x) if x.dtype == weight.dtype else _UpcastLinear.apply(x, weight)
         # Renormalising p over a selected set S equals a softmax of the logits restricted to S (real experts).
         if self.top_p is None:
             top_logits, top_idx = logits.topk(self.top_k, dim=-1)
@@ -185,3 +186,23 @@ class LoraMoELinear(nn.Module):
 def _average_nulls(values: torch.Tensor, num_real: int) -> torch.Tensor:
     null = values[num_real:]
     return torch.cat([values[:num_real], null.mean().expand_as(null)])
+
+
+class _UpcastLinear(torch.autograd.Function):
+    """``x.to(W.dtype) @ Wᵀ`` that keeps ``x`` for backward in its own (lower) precision, not as a float32 copy.
+
+    The router runs in float32 on bf16 activations; ``nn.Linear`` on the cast input would save one float32
+    copy of the hidden state per routed module. The gradients are those of the plain cast + linear.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.linear(x.to(weight.dtype), weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_x = (grad @ weight).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = grad.flatten(0, -2).T @ x.flatten(0, -2).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
