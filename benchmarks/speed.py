@@ -15,7 +15,7 @@ columns are medians of per-round ratios. Peak memory is measured in a fresh subp
 training steps: on CPU the growth of the peak resident set (VmHWM, reset after loading) over the loaded
 model, on CUDA the growth of ``max_memory_allocated``. Generation is greedy ``generate`` with the KV cache, batch 1.
 
-Run: ``python benchmarks/speed.py`` (about 4 minutes on 2 CPU threads; ``--quick`` for a 2-layer smoke run);
+Run: ``python benchmarks/speed.py`` (about 2 minutes on 2 idle CPU threads; ``--quick`` for a 2-layer smoke run);
 on a GPU: ``python benchmarks/speed.py --device cuda --dtype bfloat16``.
 """
 
