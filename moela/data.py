@@ -10,6 +10,11 @@ Two record kinds, after normalisation:
 - ``multiple_choice`` (encoders): ``{"text", "choices", "label", "task"}``; ``label`` is the index of the right
   choice (an integer, or a letter A, B, … as in ScienceQA).
 
+LLM-Adapters records (``instruction`` + ``answer``) also read as encoder records: the question is the
+instruction's first paragraph without its "Please …:" lead; as ``classification`` the label is the answer's index
+in the "Answer format:" options (BoolQ: true → 0, false → 1); as ``multiple_choice`` the choices are the
+instruction's ``Answer1: … Answer2: …`` (or ``Solution1:``, ``Option1:``) texts and the label the answer's index.
+
 Every reader raises ValueError naming the file and the record (JSON list index, or 1-based line) at fault.
 """
 
@@ -35,6 +40,9 @@ TEMPLATES = {
 }
 KINDS = ("instruction", "classification", "multiple_choice")
 _FORMAT_LINE = re.compile(r"Answer format:\s*([^\n]+)\s*$", re.IGNORECASE)
+_FORMAT_TAIL = re.compile(r"Answer format:.*$", re.IGNORECASE | re.DOTALL)
+_LEAD = re.compile(r"^Please [^:]*:\s*")
+_CHOICE = re.compile(r"\b(?:Answer|Solution|Option)(\d+):\s*(.*?)\s*(?=\b(?:Answer|Solution|Option)\d+:|$)", re.DOTALL)
 
 
 # --- reading ---------------------------------------------------------------------------------------------
@@ -115,6 +123,8 @@ def load_records(source: str | Path, kind: str, *, split: str | None = None, tas
             raise ValueError(f"{place}: expected an object, got {type(row).__name__}")
         if kind == "instruction":
             record = _instruction(row, place)
+        elif text_column not in row and "instruction" in row:
+            record = _encoder_from_instruction(_instruction(row, place), kind, place)
         elif kind == "multiple_choice":
             record = _multiple_choice(row, place, text_column, text_pair_column, choices_column, label_column)
         else:
@@ -179,6 +189,25 @@ def answer_options(row: dict) -> list[str] | None:
         options = [o.strip() for o in match.group(1).split("/") if o.strip()]
         return options or None
     return None
+
+
+def _encoder_from_instruction(record: dict[str, Any], kind: str, place: str) -> dict[str, Any]:
+    """An LLM-Adapters instruction record as a classification or multiple-choice record (module docstring)."""
+    options = record.get("options") or []
+    if record["answer"] not in options:
+        raise ValueError(f"{place}: answer {record['answer']!r} is not one of the 'Answer format:' options "
+                         f"{options}; an encoder needs a label from a fixed set")
+    label = options.index(record["answer"])
+    paragraphs = record["instruction"].split("\n\n")
+    question = _LEAD.sub("", paragraphs[0]).strip()
+    if kind == "classification":
+        return {"text": question, "text_pair": record["input"] or None, "label": label}
+    body = _FORMAT_TAIL.sub("", "\n\n".join(paragraphs[1:]))
+    choices = [text for _, text in sorted((int(n), t) for n, t in _CHOICE.findall(body))]
+    if len(choices) != len(options):
+        raise ValueError(f"{place}: found {len(choices)} choices (Answer1: …) in the instruction but "
+                         f"{len(options)} options in its 'Answer format:' line")
+    return {"text": question, "choices": choices, "label": label}
 
 
 def _classification(row: dict, place: str, text_column: str, pair_column: str | None,

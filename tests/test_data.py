@@ -33,6 +33,32 @@ def test_llm_adapters_json_and_jsonl(tmp_path):
     assert [r["task"] for r in records] == ["a", "b"]
 
 
+ARC = {"instruction": "Please choose the correct answer to the question: Which is a gas?\n\nAnswer1: ice Answer2: steam "
+              "Answer3: rock\n\nAnswer format: answer1/answer2/answer3", "input": "", "output": "", "answer": "answer2"}
+WINO = {"instruction": "Please choose the correct answer to fill in the blank: Ann beat Bo so _ won.\n\n"
+               "Option1: Ann Option2: Bo Answer format: option1/option2", "input": "", "output": "", "answer": "option1"}
+
+
+def test_llm_adapters_records_read_as_encoder_records(tmp_path):
+    source = write(tmp_path / "mc.json", json.dumps([ARC, WINO]))
+    arc, wino = load_records(source, "multiple_choice")
+    assert arc == {"text": "Which is a gas?", "choices": ["ice", "steam", "rock"], "label": 1, "task": "mc"}
+    assert wino["text"] == "Ann beat Bo so _ won." and wino["choices"] == ["Ann", "Bo"] and wino["label"] == 0
+    boolq = load_records(write(tmp_path / "b.json", json.dumps([GOOD, {**GOOD, "answer": "false"}])), "classification")
+    assert [(r["text"], r["label"]) for r in boolq] == [("is it true?", 0), ("is it true?", 1)]
+
+
+@pytest.mark.parametrize("row, kind, message", [
+    ({**ARC, "answer": "answer7"}, "multiple_choice", "record 0: answer 'answer7' is not one of"),
+    ({**ARC, "instruction": ARC["instruction"].replace("Answer3: rock", "")}, "multiple_choice",
+     "record 0: found 2 choices"),
+    ({**GOOD, "answer": "maybe"}, "classification", "record 0: answer 'maybe'"),
+])
+def test_bad_llm_adapters_encoder_records(tmp_path, row, kind, message):
+    with pytest.raises(ValueError, match=message):
+        load_records(write(tmp_path / "bad.json", json.dumps([row])), kind)
+
+
 def test_tsv_and_save_to_disk(tmp_path):
     records = load_records(write(tmp_path / "sst.tsv", "it 's good\t1\nbad\t0"), "classification")
     assert [(r["text"], r["label"], r["task"]) for r in records] == [("it 's good", 1, "sst"), ("bad", 0, "sst")]

@@ -33,6 +33,24 @@ def test_llm_adapters_math_counts(shared, task):
         assert all(float(r["answer"]) == float(r["answer"]) for r in records)
 
 
+@pytest.mark.parametrize("task, kind, choices", [("boolq", "classification", None), ("ARC-Easy", "multiple_choice", 4),
+                                                 ("openbookqa", "multiple_choice", 4), ("piqa", "multiple_choice", 2),
+                                                 ("social_i_qa", "multiple_choice", 3),
+                                                 ("winogrande", "multiple_choice", 2)])
+def test_llm_adapters_commonsense_as_encoder_records(shared, task, kind, choices):
+    source = shared / "data" / "llm-adapters" / task / "test.json"
+    instruction = load_records(source, "instruction")
+    records = load_records(source, kind)
+    assert len(records) == len(instruction)
+    for raw, record in zip(instruction, records):
+        assert record["text"] and record["text"] in raw["instruction"]
+        assert raw["options"][record["label"]] == raw["answer"]
+        if choices:  # ARC-Easy has a few 3- and 5-choice questions
+            assert len(record["choices"]) == len(raw["options"]) and all(record["choices"])
+    if choices:
+        assert sum(len(r["choices"]) == choices for r in records) >= 0.99 * len(records)
+
+
 def test_scienceqa_and_sst2_counts(shared):
     folder = shared / "data" / "scienceqa-sample"
     for split in ("train", "validation", "test"):
