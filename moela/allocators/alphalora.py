@@ -48,9 +48,11 @@ def hill_alpha(eigs: np.ndarray, bins: int = 100, threshold: float = 1e-5) -> fl
 
 
 def matrix_alpha(weight: torch.Tensor, bins: int = 100) -> float:
-    """α of the eigenvalues of ``WᵀW`` (the squared singular values of ``W``)."""
-    singular = torch.linalg.svdvals(weight.detach().to(torch.float64))
-    return hill_alpha(singular.pow(2).cpu().numpy(), bins)
+    """α of the eigenvalues of ``WᵀW`` (the squared singular values of ``W``), from the smaller of the Gram
+    matrices ``WᵀW`` and ``WWᵀ`` (same non-zero eigenvalues) in float64: several times faster than ``svdvals``."""
+    w = weight.detach().to(torch.float64)
+    gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+    return hill_alpha(torch.linalg.eigvalsh(gram).cpu().numpy(), bins)
 
 
 @register("alphalora")
