@@ -107,11 +107,15 @@ def _coerce(default: Any, value: Any, path: str) -> Any:
 
 
 def parse_override(text: str) -> dict:
-    """``"a.b=value"`` → ``{"a": {"b": value}}`` with the value parsed as YAML."""
+    """``"a.b=value"`` → ``{"a": {"b": value}}`` with the value parsed as YAML; ValueError naming the
+    override if it is not of that form or its value is not YAML."""
     key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
+    if not sep or not key.strip() or any(not part.strip() for part in key.split(".")):
         raise ValueError(f"override {text!r} is not of the form key=value (e.g. train.epochs=2)")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {text!r}: the value is not valid YAML ({' '.join(str(err).split())})") from None
     for part in reversed(key.strip().split(".")):
         value = {part: value}
     return value
@@ -158,9 +162,11 @@ def methods_of(config: dict) -> list[str]:
 
 
 # --- data -----------------------------------------------------------------------------------------------------
-def read_sources(spec: Any, kind: str, data_cfg: dict, split: str | None, limit: int | None) -> list[dict]:
+def read_sources(spec: Any, kind: str, data_cfg: dict, split: str | None, limit: int | None,
+                 num_labels: int | None = None) -> list[dict]:
     """Records of one source or a list of them (``path`` or ``{path, task, split, limit}``; ``moela:demo``
-    is the built-in dataset)."""
+    is the built-in dataset). Classification labels outside ``0..num_labels-1`` are a ValueError naming the
+    file and record."""
     from . import demo
     from .data import load_records
 
@@ -172,11 +178,17 @@ def read_sources(spec: Any, kind: str, data_cfg: dict, split: str | None, limit:
         if item["path"] == demo.SOURCE:
             records += demo.records(item.get("split", split or "train"))
             continue
-        records += load_records(item["path"], kind, split=item.get("split", split), task=item.get("task"),
-                                task_column=data_cfg["task_column"], text_column=data_cfg["text_column"],
-                                text_pair_column=data_cfg["text_pair_column"],
-                                label_column=data_cfg["label_column"], choices_column=data_cfg["choices_column"],
-                                limit=item.get("limit"))
+        loaded = load_records(item["path"], kind, split=item.get("split", split), task=item.get("task"),
+                              task_column=data_cfg["task_column"], text_column=data_cfg["text_column"],
+                              text_pair_column=data_cfg["text_pair_column"],
+                              label_column=data_cfg["label_column"], choices_column=data_cfg["choices_column"],
+                              limit=item.get("limit"))
+        if kind == "classification" and num_labels is not None:
+            for i, record in enumerate(loaded):
+                if not 0 <= record["label"] < num_labels:
+                    raise ValueError(f"{item['path']}: record {i}: label {record['label']} is outside the label "
+                                     f"set 0..{num_labels - 1} (model.num_labels={num_labels})")
+        records += loaded
     return records[:limit] if limit else records
 
 
@@ -192,18 +204,20 @@ def prepare(config: dict, *, need_train: bool = True):
         raise ValueError("data.train is not set")
     # without need_train the training data is read only to hold the validation split out of it
     read_train = data_cfg["train"] is not None and (need_train or data_cfg["eval"] is None)
+    num_labels = model_cfg["num_labels"]
     train_records = read_sources(data_cfg["train"], kind, data_cfg, data_cfg["split"],
-                                 data_cfg["max_train_samples"]) if read_train else []
+                                 data_cfg["max_train_samples"], num_labels) if read_train else []
     if data_cfg["eval"] is not None:
-        eval_records = read_sources(data_cfg["eval"], kind, data_cfg, data_cfg["eval_split"], None)
+        eval_records = read_sources(data_cfg["eval"], kind, data_cfg, data_cfg["eval_split"], None, num_labels)
     elif train_records and data_cfg["val_size"]:
         train_records, eval_records = split_validation(train_records, data_cfg["val_size"], config["train"]["seed"])
     else:
         eval_records = []
     if data_cfg["max_eval_samples"]:
         eval_records = eval_records[:data_cfg["max_eval_samples"]]
+    if need_train and not train_records:
+        raise ValueError(f"data.train gives no training records (data.train={data_cfg['train']!r})")
     tasks = task_ids(train_records + eval_records)
-    num_labels = model_cfg["num_labels"]
     if kind == "classification" and num_labels is None:
         num_labels = max(r["label"] for r in train_records + eval_records) + 1
     tokenizer = training.load_tokenizer(model_cfg["name_or_path"], task)
@@ -232,7 +246,13 @@ def make_plan(config: dict, model, setup: dict | None, method: str | None = None
 
     adapter = config["adapter"]
     if adapter["plan"]:
-        return AllocationPlan.load(adapter["plan"])
+        plan = AllocationPlan.load(adapter["plan"])
+        try:
+            plan.validate(model)
+        except ValueError as err:
+            raise ValueError(f"{adapter['plan']}: the plan does not fit {config['model']['name_or_path']}: "
+                             f"{err}") from None
+        return plan
     method = method or methods_of(config)[0]
     data = None
     if setup is not None and setup["train_features"]:
@@ -285,8 +305,48 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
-def run_one(config: dict, *, overwrite: bool = False, resume: bool = False, evaluate_after: bool = True) -> dict:
-    """allocate → train → (evaluate → report) into ``config['output_dir']``; returns the summary row."""
+def shared(value: Any) -> Any:
+    """The main process's ``value`` on every process (a broadcast when several run; else ``value``)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_main(state, fn, *args, **kwargs) -> Any:
+    """``fn(*args, **kwargs)`` run by the main process only; its result on every process, or its exception
+    raised on every process (so no process waits for one that failed)."""
+    outcome: tuple[Any, BaseException | None] = (None, None)
+    if state.is_main_process:
+        try:
+            outcome = (fn(*args, **kwargs), None)
+        except Exception as err:
+            outcome = (None, err)
+    result, err = shared(outcome)
+    if err is not None:
+        raise err
+    return result
+
+
+def start_run(run_dir: Path, config: dict, *, overwrite: bool, resume: bool) -> None:
+    """Check the run folder (:func:`check_run_dir`), create it, clear a failure mark, write the config."""
+    check_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / FAILED).unlink(missing_ok=True)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+
+def run_one(config: dict, *, overwrite: bool = False, resume: bool = False,
+            evaluate_after: bool = True) -> dict | None:
+    """allocate → train → (evaluate → report) into ``config['output_dir']``; returns the summary row.
+
+    Launched on several processes (``accelerate launch``, ``torchrun``), every process allocates and trains;
+    the plan is the main process's (broadcast; the data-driven allocators share their probe data across
+    processes, moela.allocators.process_group); only the main process writes files and evaluates, and the
+    others return None once the adapter is saved. A process that fails marks the folder FAILED."""
     import torch
     import transformers
 
@@ -298,29 +358,31 @@ def run_one(config: dict, *, overwrite: bool = False, resume: bool = False, eval
     from .plan import AllocationPlan
     from .report import run_row, write_run_report
 
+    state = training.process_state()
+    main = state.is_main_process
     run_dir = Path(config["output_dir"])
-    check_run_dir(run_dir, overwrite=overwrite, resume=resume)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / FAILED).unlink(missing_ok=True)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    on_main(state, start_run, run_dir, config, overwrite=overwrite, resume=resume)
     method = methods_of(config)[0]
     try:
         seed = config["train"]["seed"]
         transformers.set_seed(seed)
         setup = prepare(config)
         config["model"]["num_labels"] = setup["num_labels"]
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        if main:
+            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         model, new_params = load_base(config, setup)
         plan_path = run_dir / "plan.json"
-        if resume and plan_path.is_file():
-            plan = AllocationPlan.load(plan_path)
+        if shared(resume and plan_path.is_file()):
+            plan = shared(AllocationPlan.load(plan_path) if main else None)
         else:
             started = time.perf_counter()
-            plan = make_plan(config, model, setup, method)
+            plan = shared(make_plan(config, model, setup, method))
             plan.meta.setdefault("allocation_seconds", round(time.perf_counter() - started, 3))
-            plan.save(plan_path)
+            if main:
+                plan.save(plan_path)
         trainable = plan.num_trainable(model)
-        print(f"[{method}] plan: {len(plan)} modules, {trainable:,} adapter parameters", flush=True)
+        if main:
+            print(f"[{method}] plan: {len(plan)} modules, {trainable:,} adapter parameters", flush=True)
         transformers.set_seed(seed)
         adapter = config["adapter"]
         # adapter weights stay float32 under a bf16/fp16 base (METHODS.md §2.1)
@@ -329,15 +391,20 @@ def run_one(config: dict, *, overwrite: bool = False, resume: bool = False, eval
                adapter_dtype=torch.float32)
         head = training.head_parameters(model, setup["task"], adapter["modules_to_save"], new_params)
         checkpoints = run_dir / "checkpoints"
-        latest = transformers.trainer_utils.get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-        if resume and latest is None:
+        latest = shared(transformers.trainer_utils.get_last_checkpoint(str(checkpoints))
+                        if checkpoints.is_dir() else None)
+        if resume and latest is None and main:
             print(f"[{method}] no checkpoint in {checkpoints}; training from the start", flush=True)
         history = training.train(model, setup["train_features"], setup["tokenizer"].pad_token_id, config["train"],
-                                 checkpoints, head=head, resume=latest if resume else None)
-        training.save_trained(model, run_dir / "adapter", head)
+                                 checkpoints, head=head, resume=latest if resume else None, save_to=run_dir)
+        if not main:
+            return None
         write_json(run_dir / "train_log.json", history)
         row = {"method": method, "trainable": trainable, "run_dir": str(run_dir)}
         if evaluate_after:
+            if history["sharded"]:  # FSDP/DeepSpeed left shards here: evaluate the saved adapter on a fresh base
+                model, _ = load_base(config, setup)
+                training.load_trained(model, run_dir / "adapter")
             metrics, rows = evaluate_model(model, config, setup)
             loader = make_loader(setup["eval_features"], setup["tokenizer"].pad_token_id,
                                  batch_size=config["eval"]["batch_size"])
@@ -374,10 +441,12 @@ def compare(config: dict, methods: Sequence[str], *, overwrite: bool = False, re
     """Run every method on the same model, data and seed at the same budget, each in
     ``output_dir/<method>``; write ``output_dir/report.md`` and ``compare.json``; return the rows."""
     from .report import metrics_table, run_row, write_compare_report
+    from .train import process_state
 
     check_methods(methods)
+    state = process_state()
     out = Path(config["output_dir"])
-    check_run_dir(out, overwrite=overwrite, resume=resume)
+    on_main(state, check_run_dir, out, overwrite=overwrite, resume=resume)
     budget = config["adapter"]["budget"] or "uniform:E=4,r=8"
     rows = []
     started_all = time.perf_counter()
@@ -385,15 +454,21 @@ def compare(config: dict, methods: Sequence[str], *, overwrite: bool = False, re
         sub = merge(config, {"adapter": {"method": method, "budget": budget}, "output_dir": str(out / method)})
         started = time.perf_counter()
         done = out / method
-        if resume and (done / FINISHED).is_file():  # an interrupted comparison keeps its finished runs
+        if shared(resume and (done / FINISHED).is_file()):  # an interrupted comparison keeps its finished runs
+            if not state.is_main_process:
+                continue
             metrics = json.loads((done / "metrics.json").read_text())
             routing = json.loads((done / "routing.json").read_text())
             rows.append(run_row(method, metrics, routing, metrics["adapter_params"]) | {"run_dir": str(done)})
             continue
         row = run_one(sub, resume=resume)
+        if row is None:  # not the main process
+            continue
         row["seconds"] = round(time.perf_counter() - started, 1)
         print(f"[{method}] accuracy {100 * row['metrics']['accuracy']:.1f}% in {row['seconds']} s", flush=True)
         rows.append(row)
+    if not state.is_main_process:
+        return []
     targets = [r["metrics"].get("budget", {}).get("target") for r in rows if r["metrics"].get("budget")]
     described = f"{budget} = {targets[0]:,} parameters" if targets else str(budget)
     write_json(out / "compare.json", {"budget": budget, "budget_parameters": targets[0] if targets else None,
@@ -443,6 +518,8 @@ def cmd_run(ns) -> None:
         compare(config, methods, overwrite=ns.overwrite, resume=ns.resume)
         return
     row = run_one(config, overwrite=ns.overwrite, resume=ns.resume)
+    if row is None:  # not the main process
+        return
     from .report import metrics_table
 
     print(metrics_table([row]))
@@ -459,7 +536,8 @@ def cmd_train(ns) -> None:
     config = config_from(ns)
     check_methods(methods_of(config))
     row = run_one(config, overwrite=ns.overwrite, resume=ns.resume, evaluate_after=False)
-    print(f"adapter: {Path(row['run_dir']) / 'adapter'}")
+    if row is not None:
+        print(f"adapter: {Path(row['run_dir']) / 'adapter'}")
 
 
 def cmd_allocate(ns) -> None:

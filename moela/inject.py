@@ -120,16 +120,22 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 
 # --- adapter files ---------------------------------------------------------------------------------------
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights under their documented per-expert keys (module docstring)."""
-    state = {}
+def adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter weights under their documented per-expert keys (module docstring). ``state``: a full state
+    dict of ``model`` to read the packed weights from instead of its parameters (what FSDP or DeepSpeed ZeRO-3
+    gather from their shards)."""
+    def weight(module: nn.Module, path: str) -> torch.Tensor:
+        return (state[f"{path}.weight"] if state is not None else module.weight).detach()
+
+    out = {}
     for name, layer in moela_layers(model):
         if layer.router is not None:
-            state[f"{name}.router.weight"] = layer.router.weight.detach()
+            out[f"{name}.router.weight"] = weight(layer.router, f"{name}.router")
+        a, b = weight(layer.lora_A, f"{name}.lora_A"), weight(layer.lora_B, f"{name}.lora_B")
         for i, cols in enumerate(layer.expert_slices()):
-            state[f"{name}.experts.{i}.lora_A"] = layer.lora_A.weight.detach()[cols]
-            state[f"{name}.experts.{i}.lora_B"] = layer.lora_B.weight.detach()[:, cols]
-    return {k: v.contiguous().cpu() for k, v in state.items()}
+            out[f"{name}.experts.{i}.lora_A"] = a[cols]
+            out[f"{name}.experts.{i}.lora_B"] = b[:, cols]
+    return {k: v.contiguous().cpu() for k, v in out.items()}
 
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
@@ -159,15 +165,23 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], so
                          f"({len(extra)} unexpected tensor(s))")
 
 
-def save_adapter(model: nn.Module, directory: str | Path) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``, atomically:
-    a failure leaves any previous adapter there untouched."""
+def write_adapter(model: nn.Module, directory: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into the existing folder ``directory``
+    (not atomic: :func:`save_adapter` is). ``state`` as in :func:`adapter_state_dict`."""
     config = getattr(model, "moela_config", None)
     if config is None:
         raise ValueError("this model has no moela adapters: call moela.inject first")
+    config.save(directory)
+    save_file(adapter_state_dict(model, state), str(Path(directory) / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def save_adapter(model: nn.Module, directory: str | Path) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``, atomically:
+    a failure leaves any previous adapter there untouched."""
+    if getattr(model, "moela_config", None) is None:
+        raise ValueError("this model has no moela adapters: call moela.inject first")
     with atomic_dir(Path(directory)) as tmp:
-        config.save(tmp)
-        save_file(adapter_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_adapter(model, tmp)
 
 
 def load_adapter(model: nn.Module, directory: str | Path, is_trainable: bool = False,

@@ -27,9 +27,34 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def fsync_tree(path: Path) -> None:
+    """Flush every file under ``path``, and the folders holding them, to disk."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def replace_dir(src: Path, dest: Path) -> None:
+    """Move the finished folder ``src`` to ``dest``, replacing any folder there (kept aside until the move)."""
+    src, dest = Path(src), Path(dest)
+    old = dest.with_name(f".{dest.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(src, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside ``path``; on success it replaces ``path`` whole.
+    """Yield a fresh temporary folder beside ``path``; on success it is flushed to disk and replaces ``path``
+    whole.
 
     If the body raises, the temporary folder is removed and ``path`` keeps its previous content.
     """
@@ -38,12 +63,8 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = path.with_name(f".{path.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, path)

@@ -2,25 +2,36 @@
 
 The loss is ``L_task + coef · balance_loss(model)`` (METHODS.md §2.4). Checkpoints hold the adapter (plus the
 trainable head of an encoder) instead of the full model, together with the Trainer's optimizer, scheduler,
-RNG and trainer state, so ``resume`` continues exactly where an interrupted run stopped.
+RNG and trainer state, so ``resume`` continues exactly where an interrupted run stopped. A checkpoint is
+written into ``output_dir/.staging`` and renamed into place once every process has written its part and the
+files are on disk, so a run killed at any point leaves only complete checkpoints. A non-finite loss stops
+training before the optimizer step, naming the step; the checkpoints written so far stay.
+
+Under ``accelerate launch`` or ``torchrun`` the Trainer trains data-parallel (DDP, FSDP or DeepSpeed, as the
+launcher configures it); only the main process writes files, and under FSDP/DeepSpeed the adapter is read
+from the gathered full state dict.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import transformers
+from accelerate import PartialState
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from .config import WEIGHTS_NAME
 from .data import Collator
-from .inject import balance_loss, load_adapter, load_adapter_state_dict, moela_layers, save_adapter
+from .inject import balance_loss, load_adapter, load_adapter_state_dict, moela_layers, write_adapter
+from .io import atomic_dir, fsync_tree, replace_dir
 
 HEAD_FILE = "head.safetensors"
 TASKS = ("causal_lm", "sequence_classification", "multiple_choice")
@@ -31,6 +42,13 @@ DATA_KINDS = {"causal_lm": "instruction", "sequence_classification": "classifica
               "multiple_choice": "multiple_choice"}
 # Output heads an encoder task trains with the adapter (PEFT's ``modules_to_save`` for sequence classification).
 CLASSIFIER_HEADS = ("classifier", "score")
+
+
+def process_state() -> PartialState:
+    """This process's place in the run, read from the launcher's environment (``accelerate launch``,
+    ``torchrun``); it sets up the process group (gloo on CPU) that the Trainer then uses. A plain command is
+    one process."""
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def torch_dtype(name: str | None) -> torch.dtype | str:
@@ -99,16 +117,16 @@ def unfreeze(model: nn.Module, names: Sequence[str]) -> None:
         params[name].requires_grad_(True)
 
 
-def save_trained(model: nn.Module, directory: str | Path, head: Sequence[str]) -> None:
-    """The adapter (``save_adapter``) plus the trained head parameters in ``head.safetensors``."""
-    directory = Path(directory)
-    save_adapter(model, directory)
-    if head:
-        params = dict(model.named_parameters())
-        tensors = {name: params[name].detach().contiguous().cpu() for name in head}
-        tmp = directory / f".{HEAD_FILE}.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, directory / HEAD_FILE)
+def save_trained(model: nn.Module, directory: str | Path, head: Sequence[str],
+                 state: dict[str, torch.Tensor] | None = None) -> None:
+    """The adapter plus the trained head parameters in ``head.safetensors``, written together atomically (a
+    failure leaves the previous folder intact). ``state``: a gathered full state dict to read them from."""
+    with atomic_dir(Path(directory)) as tmp:
+        write_adapter(model, tmp, state)
+        if head:
+            params = state if state is not None else dict(model.named_parameters())
+            tensors = {name: params[name].detach().contiguous().cpu() for name in head}
+            save_file(tensors, str(tmp / HEAD_FILE), metadata={"format": "pt"})
 
 
 def load_head(model: nn.Module, directory: str | Path) -> list[str]:
@@ -149,14 +167,15 @@ class BalanceProgress(ProgressCallback):
 
 
 class MoelaTrainer(transformers.Trainer):
-    """``Trainer`` whose loss adds ``balance_coef · balance_loss(model)`` and whose checkpoints hold the
-    adapter and trained head only."""
+    """``Trainer`` whose loss adds ``balance_coef · balance_loss(model)``, whose checkpoints hold the adapter
+    and trained head only and appear whole or not at all, and which stops on a non-finite loss."""
 
     def __init__(self, *args, balance_coef: float = 1e-3, head: Sequence[str] = (), **kwargs):
         super().__init__(*args, **kwargs)
         self.balance_coef = balance_coef
         self.head = list(head)
         self._balance_sum, self._balance_count = 0.0, 0
+        self._staging: str | None = None
         self.routed = any(layer.routed for _, layer in moela_layers(self.model))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -171,16 +190,61 @@ class MoelaTrainer(transformers.Trainer):
             loss = loss + coef * balance
         return (loss, outputs) if return_outputs else loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step; a non-finite loss on any process raises FloatingPointError on every process
+        before the optimizer step, naming the step and the last complete checkpoint."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, "sum")
+        if bad.item():
+            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            raise FloatingPointError(
+                f"non-finite loss at step {self.state.global_step + 1}: training stopped; "
+                f"last good checkpoint: {last or 'none saved yet'} (lower train.lr, or check the data)")
+        return loss
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._balance_count and "loss" in logs:
             logs["balance"] = round(self._balance_sum / self._balance_count, 4)
             self._balance_sum, self._balance_count = 0.0, 0
         super().log(logs, start_time)
 
+    def _get_output_dir(self, trial) -> str:
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written by every process into ``.staging`` and, once all are done and the
+        files are on disk, renamed to ``checkpoint-<step>`` by the main process; then older ones are rotated."""
+        root = Path(self.args.output_dir)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = root / ".staging"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._staging = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as err:
+            raise RuntimeError(f"{root / name}: saving the checkpoint failed ({type(err).__name__}: {err}); "
+                               f"last good checkpoint: {get_last_checkpoint(str(root)) or 'none'}") from err
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            fsync_tree(staging / name)
+            replace_dir(staging / name, root / name)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(output_dir=str(root), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """``output_dir/adapter`` (:func:`save_trained`) and the training arguments, on the main process;
+        ``state_dict`` is the full state dict the Trainer gathers under FSDP or DeepSpeed."""
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
-            save_trained(self.accelerator.unwrap_model(self.model), Path(output_dir) / "adapter", self.head)
+            save_trained(self.accelerator.unwrap_model(self.model), Path(output_dir) / "adapter", self.head,
+                         state_dict or None)
             torch.save(self.args, os.path.join(output_dir, transformers.trainer.TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
@@ -191,8 +255,10 @@ class MoelaTrainer(transformers.Trainer):
 
 
 def training_arguments(cfg: dict[str, Any], output_dir: str | Path, num_examples: int) -> transformers.TrainingArguments:
-    """TrainingArguments from the ``train`` section (warm-up given as a ratio of the total steps)."""
-    steps_per_epoch = math.ceil(num_examples / (cfg["batch_size"] * cfg["grad_accum"]))
+    """TrainingArguments from the ``train`` section (warm-up given as a ratio of the total steps; a step takes
+    ``batch_size · grad_accum`` examples on each process)."""
+    world = process_state().num_processes
+    steps_per_epoch = math.ceil(num_examples / (cfg["batch_size"] * cfg["grad_accum"] * world))
     total = cfg["max_steps"] if cfg["max_steps"] and cfg["max_steps"] > 0 else math.ceil(steps_per_epoch * cfg["epochs"])
     precision = cfg.get("precision", "auto")
     cuda = torch.cuda.is_available()
@@ -210,15 +276,18 @@ def training_arguments(cfg: dict[str, Any], output_dir: str | Path, num_examples
         warmup_steps=int(round(cfg["warmup_ratio"] * total)), optim="adamw_torch", seed=cfg["seed"],
         data_seed=cfg["seed"], logging_steps=cfg["logging_steps"], save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500, save_total_limit=cfg.get("save_total_limit"), report_to="none",
-        bf16=bf16, fp16=fp16, dataloader_num_workers=0, **checkpointing,
+        bf16=bf16, fp16=fp16, dataloader_num_workers=0, ddp_find_unused_parameters=False, **checkpointing,
         remove_unused_columns=False, disable_tqdm=not cfg.get("progress", True), use_cpu=not cuda)
 
 
 def train(model: nn.Module, features: Sequence[dict], pad_token_id: int, cfg: dict[str, Any],
-          output_dir: str | Path, *, head: Sequence[str] = (), resume: str | bool | None = None) -> dict[str, Any]:
+          output_dir: str | Path, *, head: Sequence[str] = (), resume: str | bool | None = None,
+          save_to: str | Path | None = None) -> dict[str, Any]:
     """Train the adapter (and ``head``) of ``model`` on tokenised ``features``; checkpoints go to
-    ``output_dir``. ``resume``: a checkpoint folder, or True for the latest one there. Returns the Trainer's
-    log history and final metrics."""
+    ``output_dir``; the final adapter to ``save_to/adapter`` (every process must call this; the main one
+    writes). ``resume``: a checkpoint folder, or True for the latest one there. Returns the Trainer's log
+    history and final metrics, and ``sharded``: whether FSDP/DeepSpeed left ``model`` sharded across processes
+    (then reload the saved adapter to use it)."""
     args = training_arguments(cfg, output_dir, len(features))
     unfreeze(model, head)
     trainer = MoelaTrainer(model=model, args=args, train_dataset=list(features),
@@ -229,5 +298,8 @@ def train(model: nn.Module, features: Sequence[dict], pad_token_id: int, cfg: di
     if not args.disable_tqdm:
         trainer.add_callback(BalanceProgress())
     result = trainer.train(resume_from_checkpoint=resume or None)
+    if save_to is not None:
+        trainer.save_model(str(save_to))
     return {"metrics": result.metrics, "log_history": trainer.state.log_history,
-            "global_step": trainer.state.global_step}
+            "global_step": trainer.state.global_step,
+            "sharded": bool(trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)}

@@ -2,6 +2,12 @@
 
 Each method lives in its own module and registers itself here with :func:`register`; users add their own
 the same way. :func:`allocate` is the one entry point.
+
+Several processes (``torch.distributed`` initialised, e.g. under ``accelerate launch``): the data-driven
+allocators split their probe batches across the processes and combine the results, so every process gets the
+same plan — ``sensitivity`` sums the scores of all processes in rank order, ``guilomo`` averages the search
+gradients (GSVs and weights stay identical everywhere). The ``moela`` command also broadcasts the main
+process's plan, which covers any other allocator.
 """
 
 from __future__ import annotations
@@ -23,6 +29,15 @@ def register(name: str) -> Callable[[Allocator], Allocator]:
         _REGISTRY[name] = fn
         return fn
     return wrap
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of the initialised ``torch.distributed`` process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def available() -> list[str]:

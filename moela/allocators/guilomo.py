@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..inject import balance_loss
 from ..layer import LoraMoELinear, RouterStats
 from ..plan import AllocationPlan, ModulePlan, find_targets
-from . import register
+from . import process_group, register
 from .budget import apportion, finish, fit, parse_budget, routed, target_dims
 from .data import Cost, holdout, pad_id, prepare, size
 
@@ -128,6 +128,12 @@ def hypergradient(weights: Sequence[torch.Tensor], arch: Sequence[torch.Tensor],
 
 
 def _step(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+    """One optimizer step with ``grads``, averaged over the processes when several run."""
+    _, world = process_group()
+    if world > 1:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        grads = [f.view_as(g) for f, g in zip((flat / world).split([g.numel() for g in grads]), grads)]
     for p, g in zip(params, grads):
         p.grad = g
     optimizer.step()
@@ -140,7 +146,8 @@ def search(model: nn.Module, names: list[str], train: list[dict], val: list[dict
            balance: float, check_every: int, patience: int, seed: int, cost: Cost) -> dict[str, GSVLinear]:
     """Run the bilevel search on search layers swapped in for ``names``; return them (detached from the model,
     which gets its own modules, flags and mode back). The search runs in eval mode (no dropout), so the seed
-    fixes the result."""
+    fixes the result. With several processes each step takes one batch per process and averages the gradients
+    over them, so the GSVs stay identical on every process."""
     device = next(model.parameters()).device
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
@@ -167,13 +174,15 @@ def search(model: nn.Module, names: list[str], train: list[dict], val: list[dict
             return loss
 
         last, stable = None, 0
+        rank, world = process_group()
         for step in (bar := tqdm(range(steps), desc="guilomo search", leave=False)):
-            train_loss = loss_on(train[step % len(train)], balance)
-            val_loss = loss_on(val[step % len(val)], 0.0)
+            at = step * world + rank  # several processes: each takes its own batch of the step
+            train_loss = loss_on(train[at % len(train)], balance)
+            val_loss = loss_on(val[at % len(val)], 0.0)
             _step(outer, arch, hypergradient(weights, arch, train_loss, val_loss, lr, second_order))
             _step(inner, weights, _fill(torch.autograd.grad(train_loss(), weights, allow_unused=True), weights))
-            cost.add(train[step % len(train)])
-            cost.examples += size(val[step % len(val)])
+            cost.add(train[at % len(train)])
+            cost.examples += size(val[at % len(val)])
             if (step + 1) % check_every == 0:
                 chosen = [l.selection() for l in layers.values()]
                 stable = stable + 1 if chosen == last else 0

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..plan import AllocationPlan, find_targets, module_type
-from . import register
+from . import process_group, register
 from .budget import TOLERANCE, apportion, finish, fit, parse_budget, plan_cost, routed, target_dims, warn_if_missed
 from .data import Cost, batches, pad_id, prepare
 
@@ -79,6 +79,24 @@ def probe(model: nn.Module, names: list[str], probe_batches: list[dict[str, torc
     return {t: dict(s) for t, s in sorted(scores.items())}
 
 
+def probe_all(model: nn.Module, names: list[str], probe_batches: list[dict[str, torch.Tensor]],
+              cost: Cost | None = None) -> dict[Any, dict[str, float]]:
+    """:func:`probe` over all batches: with several processes each probes every world-th batch and the
+    scores are summed in rank order, the same on every process."""
+    rank, world = process_group()
+    if world == 1:
+        return probe(model, names, probe_batches, cost)
+    parts: list[Any] = [None] * world
+    torch.distributed.all_gather_object(parts, probe(model, names, probe_batches[rank::world], cost))
+    total: dict[Any, dict[str, float]] = {}
+    for part in parts:
+        for task, scores in part.items():
+            into = total.setdefault(task, dict.fromkeys(names, 0.0))
+            for name, value in scores.items():
+                into[name] += value
+    return dict(sorted(total.items()))
+
+
 def vote(per_task: dict[Any, dict[str, float]], names: list[str], p: float) -> dict[str, int]:
     """``E(m)`` = number of tasks whose ``S_t(m)`` exceeds the ``(100 − p)``-th percentile of that task's
     scores over the modules of m's type."""
@@ -121,7 +139,7 @@ def sensitivity(model: nn.Module, *, targets: Any, budget: int | str | None = No
     dims = target_dims(model, names)
     target = parse_budget(budget, model, targets)
     cost = Cost("sensitivity")
-    per_task = probe(model, names, batches(data, batch_size, examples, seed, pad_id(model)), cost)
+    per_task = probe_all(model, names, batches(data, batch_size, examples, seed, pad_id(model)), cost)
     if mode == "auto":
         mode = "vote" if len(per_task) > 1 else "proportional"
     total = {n: sum(s[n] for s in per_task.values()) for n in names}
