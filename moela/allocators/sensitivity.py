@@ -120,7 +120,7 @@ def per_type_share(scores: dict[str, float]) -> dict[str, float]:
     return {n: s / totals[module_type(n)] if totals[module_type(n)] > 0 else 0.0 for n, s in scores.items()}
 
 
-@register("sensitivity")
+@register("sensitivity", every_target=False)
 def sensitivity(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None,
                 seed: int = 0, mode: str = "auto", p: float = 60.0, experts: int = 4, max_experts: int = 8,
                 rank: int = 8, top_k: int = 2, examples: int = 256, batch_size: int = 1) -> AllocationPlan:
