@@ -44,32 +44,31 @@ BUDGET = "uniform:E=4,r=8"
 HEATMAP_TASK = "arc-easy"
 LLM = SHARED / "data" / "llm-adapters"
 
-MINILM_TRAIN = {"epochs": 3, "batch_size": 16, "lr": 2.0e-3, "progress": False, "logging_steps": 50}
-MINILM_MC_TRAIN = {**MINILM_TRAIN, "epochs": 2}  # one example is 2-5 sequences
+MINILM_TRAIN = {"epochs": 2, "batch_size": 16, "lr": 2.0e-3, "progress": False, "logging_steps": 50}
 TASKS: dict[str, dict] = {
     "sst2": {"model": {"name_or_path": "moela:minilm", "task": "sequence_classification"},
-             "data": {"train": {"path": str(SHARED / "data/sst2/train.tsv"), "limit": 400},
+             "data": {"train": {"path": str(SHARED / "data/sst2/train.tsv"), "limit": 256},
                       "eval": {"path": str(SHARED / "data/sst2/dev.tsv"), "limit": 400}, "cutoff_len": 64},
              "train": MINILM_TRAIN},
     "boolq": {"model": {"name_or_path": "moela:minilm", "task": "sequence_classification"},
-              "data": {"train": {"path": str(LLM / "boolq/train.json"), "limit": 400},
-                       "eval": {"path": str(LLM / "boolq/test.json"), "limit": 400}, "cutoff_len": 64},
+              "data": {"train": {"path": str(LLM / "boolq/train.json"), "limit": 256},
+                       "eval": {"path": str(LLM / "boolq/test.json"), "limit": 300}, "cutoff_len": 64},
               "train": MINILM_TRAIN},
     "arc-easy": {"model": {"name_or_path": "moela:minilm", "task": "multiple_choice"},
-                 "data": {"train": {"path": str(LLM / "ARC-Easy/train.json"), "limit": 200},
-                          "eval": {"path": str(LLM / "ARC-Easy/test.json"), "limit": 200}, "cutoff_len": 96},
-                 "train": MINILM_MC_TRAIN},
+                 "data": {"train": {"path": str(LLM / "ARC-Easy/train.json"), "limit": 128},
+                          "eval": {"path": str(LLM / "ARC-Easy/test.json"), "limit": 150}, "cutoff_len": 96},
+                 "train": MINILM_TRAIN},
     "openbookqa": {"model": {"name_or_path": "moela:minilm", "task": "multiple_choice"},
-                   "data": {"train": {"path": str(LLM / "openbookqa/train.json"), "limit": 200},
-                            "eval": {"path": str(LLM / "openbookqa/test.json"), "limit": 200}, "cutoff_len": 96},
-                   "train": MINILM_MC_TRAIN},
+                   "data": {"train": {"path": str(LLM / "openbookqa/train.json"), "limit": 128},
+                            "eval": {"path": str(LLM / "openbookqa/test.json"), "limit": 150}, "cutoff_len": 96},
+                   "train": MINILM_TRAIN},
     "scienceqa": {"model": {"name_or_path": "moela:minilm", "task": "multiple_choice"},
                   "data": {"train": str(SHARED / "data/scienceqa-sample/train.jsonl"),
                            "eval": str(SHARED / "data/scienceqa-sample/test.jsonl"), "cutoff_len": 128,
                            "text_column": "question", "text_pair_column": "hint", "label_column": "answer"},
-                  "train": MINILM_MC_TRAIN},
+                  "train": MINILM_TRAIN},
     "stories260k-boolq": {"model": {"name_or_path": str(SHARED / "models/stories260k")},
-                          "data": {"train": {"path": str(LLM / "boolq/train.json"), "limit": 400},
+                          "data": {"train": {"path": str(LLM / "boolq/train.json"), "limit": 256},
                                    "eval": {"path": str(LLM / "boolq/test.json"), "limit": 100}, "cutoff_len": 256},
                           "train": {"epochs": 2, "batch_size": 16, "lr": 2.0e-3, "progress": False,
                                     "logging_steps": 50},
@@ -88,7 +87,7 @@ def task_config(task: str, seed: int, out: Path, quick: bool) -> dict:
             spec["data"][key] = {"path": source, "limit": 32} if isinstance(source, str) else {**source, "limit": 32}
         spec["train"] = {**spec["train"], "epochs": 1}
     overrides = [f"name={task}", f"output_dir={out / task / f'seed{seed}'}", f"train.seed={seed}",
-                 f"adapter.budget={BUDGET}", "adapter.options={mola: {pattern: '2468'}}", "adapter.dropout=0.0"]
+                 f"adapter.budget={BUDGET}", "adapter.options={mola: {pattern: '2468'}}", "adapter.dropout=0.0", "eval.batch_size=64"]
     path = out / "configs" / f"{task}.json"
     atomic_write_text(path, json.dumps(spec))
     return load_config(path, overrides)
