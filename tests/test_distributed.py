@@ -1,0 +1,140 @@
+"""Several CPU processes (gloo): ``accelerate launch`` and ``torchrun`` train the adapter of one process at the same
+global batch, and the data-driven allocators give every process the same plan."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from moela.allocators import allocate
+from moela.cli import main
+from tests.conftest import tiny_model
+from tests.test_pipeline import lm_config, save_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(launcher: list[str], args: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", *launcher, "-m", "moela.cli", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def assert_same_adapter(a: Path, b: Path, atol: float) -> None:
+    first, second = (load_file(str(p / "adapter" / "adapter_model.safetensors")) for p in (a, b))
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(second[key], first[key], rtol=0, atol=atol, msg=key)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("lm"), "lm")
+
+
+def two_process_config(tmp_path: Path, model: Path, method: str) -> Path:
+    """4 steps of a global batch of 4 (two processes: 2 each). No dropout (its masks differ by process) and no
+    balance loss: each process computes it on its own micro-batch, which is not the full batch's loss."""
+    return lm_config(tmp_path, model, train={"max_steps": 4, "save_steps": 2, "batch_size": 4, "lr": 1e-2,
+                                             "logging_steps": 1, "progress": False, "balance_coef": 0.0},
+                     adapter={"dropout": 0.0, "method": method,
+                              "options": {"experts": 4, "rank": 2, "top_k": 2}},
+                     eval={"protocol": "loglik"})
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_lm) -> tuple[Path, Path]:
+    """(config, run folder) of `moela run` with the sensitivity allocator in one process."""
+    tmp = tmp_path_factory.mktemp("dist")
+    config = two_process_config(tmp, tiny_lm, "sensitivity")
+    assert main(["run", str(config), f"output_dir={tmp / 'one'}"]) == 0
+    return config, tmp / "one"
+
+
+def test_accelerate_launch_run_matches_one_process(tmp_path, one_process):
+    """`moela run` with the sensitivity allocator (probe split over the processes, scores summed): the same plan
+    and adapter as one process; only the main process evaluates and writes the report."""
+    config, one = one_process
+    two = tmp_path / "two"
+    # --multi_gpu starts one process per --num_processes, on CPU too (gloo); --cpu would start one process
+    launch(["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())],
+           ["run", str(config), f"output_dir={two}", "train.batch_size=2"])
+    assert json.loads((two / "plan.json").read_text())["modules"] == json.loads((one / "plan.json").read_text())["modules"]
+    assert_same_adapter(one, two, atol=1e-5)
+    for name in ("FINISHED", "metrics.json", "report.md", "routing.json"):
+        assert (two / name).is_file(), name
+    assert sorted(p.name for p in (two / "checkpoints" / "checkpoint-4").iterdir()) == [
+        "adapter", "optimizer.pt", "rng_state_0.pth", "rng_state_1.pth", "scheduler.pt", "trainer_state.json",
+        "training_args.bin"]
+    assert json.loads((two / "train_log.json").read_text())["global_step"] == 4
+
+
+def test_torchrun_train_matches_one_process(tmp_path, one_process):
+    config, one = one_process
+    two = tmp_path / "two"
+    launch(["torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())],
+           ["train", str(config), f"output_dir={two}", "train.batch_size=2"])
+    assert_same_adapter(one, two, atol=1e-5)
+    assert (two / "FINISHED").is_file() and not (two / "metrics.json").exists()
+
+
+def probe_examples() -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(12):
+        ids = torch.randint(3, 97, (5 + i % 4,), generator=g).tolist()
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids})
+    return out
+
+
+def plans(methods: tuple[str, ...] = ("sensitivity", "guilomo")) -> dict:
+    """The sensitivity and GuiLoMo plans (modules and scores) of this process."""
+    model, data = tiny_model("llama"), probe_examples()
+    options = {"sensitivity": dict(targets="all-linear", experts=2, rank=2),
+               "guilomo": dict(targets=["q_proj", "down_proj"], experts=3, rank=2, max_steps=4, batch_size=2,
+                               val_fraction=0.25, lr=1e-2, gsv_lr=0.1)}
+    out = {}
+    for method in methods:
+        plan = allocate(method, model, data=data, **options[method])
+        out[method] = {"modules": plan.to_dict()["modules"], "scores": plan.meta["scores"]}
+    return out
+
+
+def allocate_in_group(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(plans(), Path(out) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_data_driven_allocators_agree_across_processes(tmp_path):
+    """Sensitivity scores are those of one process (up to summation order); GuiLoMo's GSVs and both plans are
+    identical on every process."""
+    mp.spawn(allocate_in_group, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert rank0 == rank1
+    alone = plans(("sensitivity",))
+    assert rank0["sensitivity"]["modules"] == alone["sensitivity"]["modules"]
+    for name, score in alone["sensitivity"]["scores"]["sensitivity"].items():
+        assert rank0["sensitivity"]["scores"]["sensitivity"][name] == pytest.approx(score, rel=1e-6)
