@@ -90,7 +90,11 @@ def merge(base: dict, override: dict, where: str = "") -> dict:
 
 def _coerce(default: Any, value: Any, path: str) -> Any:
     """Numbers written as YAML strings (``5e-5`` is a string to YAML 1.1) become numbers; other type
-    mismatches with a numeric or boolean default are a ValueError naming the key."""
+    mismatches with a numeric, boolean or mapping default are a ValueError naming the key."""
+    if isinstance(default, dict):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"config key {path!r} must be a mapping, got {value!r}")
+        return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ValueError(f"config key {path!r} must be true or false, got {value!r}")
