@@ -149,8 +149,15 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), default:
         config["name"] = config["name"] or path.stem
     for text in overrides:
         config = merge(config, parse_override(text))
+    for key in ("name", "output_dir"):
+        if isinstance(config[key], (int, float)) and not isinstance(config[key], bool):
+            config[key] = str(config[key])
+        elif config[key] is not None and not isinstance(config[key], str):
+            raise ValueError(f"config key {key!r} must be a string, got {config[key]!r}")
     if not config["model"]["name_or_path"]:
         raise ValueError("model.name_or_path is not set (give it in the config or as model.name_or_path=...)")
+    if not isinstance(config["model"]["name_or_path"], str):
+        raise ValueError(f"model.name_or_path must be a path or hub name, got {config['model']['name_or_path']!r}")
     if config["model"]["name_or_path"] == MINILM:
         from .demo import minilm_folder
 
