@@ -69,13 +69,14 @@ def one_process(tmp_path_factory, tiny_lm) -> tuple[Path, Path]:
 
 
 def test_accelerate_launch_run_matches_one_process(tmp_path, one_process):
-    """`moela run` with the sensitivity allocator (probe split over the processes, scores summed): the same plan
-    and adapter as one process; only the main process evaluates and writes the report."""
+    """`accelerate launch` (configs/accelerate/ddp.yaml) of `moela run` with the sensitivity allocator (probe
+    split over the processes, scores summed): the same plan and adapter as one process; only the main process
+    evaluates and writes the report."""
     config, one = one_process
     two = tmp_path / "two"
-    # --multi_gpu starts one process per --num_processes, on CPU too (gloo); --cpu would start one process
-    launch(["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())],
+    # the shipped DDP config starts CPU processes (gloo) on a machine without GPUs
+    launch(["accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / "ddp.yaml"),
+            "--num_processes", "2", "--main_process_port", str(free_port())],
            ["run", str(config), f"output_dir={two}", "train.batch_size=2"])
     assert json.loads((two / "plan.json").read_text())["modules"] == json.loads((one / "plan.json").read_text())["modules"]
     assert_same_adapter(one, two, atol=1e-5)
