@@ -44,7 +44,7 @@ BUDGET = "uniform:E=4,r=8"
 HEATMAP_TASK = "arc-easy"
 LLM = SHARED / "data" / "llm-adapters"
 
-MINILM_TRAIN = {"epochs": 2, "batch_size": 16, "lr": 2.0e-3, "progress": False, "logging_steps": 50}
+MINILM_TRAIN = {"epochs": 2, "batch_size": 8, "lr": 2.0e-3, "progress": False, "logging_steps": 50}
 TASKS: dict[str, dict] = {
     "sst2": {"model": {"name_or_path": "moela:minilm", "task": "sequence_classification"},
              "data": {"train": {"path": str(SHARED / "data/sst2/train.tsv"), "limit": 256},
@@ -110,6 +110,7 @@ def run_task(task: str, seed: int, out: Path, methods: list[str], quick: bool) -
                        "n": row["metrics"]["n"], "trainable": row["trainable"], "active": row["active"],
                        "allocation_s": plan["meta"].get("allocation_seconds", 0.0),
                        "train_s": log["metrics"]["train_runtime"], "epochs": config["train"]["epochs"],
+                       "wall_s": (run / FINISHED).stat().st_mtime - (run / "config.yaml").stat().st_mtime,
                        "run_dir": str(run)})
     return result
 
@@ -149,7 +150,8 @@ def main() -> None:
         if args.quick:
             print(f"quick run: {len(rows)} runs in {time.perf_counter() - started:.0f} s (nothing written)")
             return
-        info = {"seconds": round(time.perf_counter() - started), "seeds": args.seeds, "budget": BUDGET,
+        info = {"seconds": round(time.perf_counter() - started), "run_seconds": round(sum(r["wall_s"] for r in rows)),
+                "seeds": args.seeds, "budget": BUDGET,
                 "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
                 "tasks": {t: TASKS[t] for t in args.tasks}, "majority": {t: majority(t) for t in args.tasks},
                 "rows": rows}
@@ -157,7 +159,7 @@ def main() -> None:
         heatmaps(rows)
     info = json.loads(results.read_text())
     write_section(args.markdown, render(info))
-    print(f"wrote {args.markdown} ({len(info['rows'])} runs, {info['seconds'] / 60:.0f} min)")
+    print(f"wrote {args.markdown} ({len(info['rows'])} runs, {info['run_seconds'] / 60:.0f} min of runs)")
 
 
 def heatmaps(rows: list[dict]) -> None:
@@ -182,8 +184,10 @@ def render(info: dict) -> str:
     by = {(r["task"], r["method"], r["seed"]): r for r in rows}
     seeds = sorted({r["seed"] for r in rows})
     acc = {(t, m): [by[t, m, s]["accuracy"] for s in seeds if (t, m, s) in by] for t in tasks for m in methods}
-    out = [f"Measured with `.venv/bin/python benchmarks/accuracy.py` ({info['seconds'] / 60:.0f} min on "
-           f"{info['machine']}; seeds {', '.join(map(str, seeds))}); `--report-only` rewrites this section from "
+    out = [f"Measured with `.venv/bin/python benchmarks/accuracy.py` on {info['machine']}, seeds "
+           f"{', '.join(map(str, seeds))}: {len(rows)} runs taking {info['run_seconds'] / 60:.0f} min together "
+           "(each from its config to its report, allocation, training and evaluation included). "
+           "`--report-only` rewrites this section from "
            "`benchmarks/results/accuracy.json`. Every method has the trainable budget of uniform E=4, r=8 on "
            "all linear layers (`adapter.budget=\"uniform:E=4,r=8\"`); budgets below are the achieved ones.", ""]
     out += ["### Accuracy (%, mean ± standard deviation over seeds)", "",
