@@ -1,8 +1,9 @@
 """Evaluation protocols (METHODS.md §6) and routing statistics.
 
 - ``generation``: greedy (or beam) decoding of ``max_new_tokens`` from the prompt, then LLM-Adapters answer
-  extraction: the first match of the record's options (``true/false``, ``option1..``, ``answer1..``; letter
-  options are read after "The answer is" first), or the last number for numeric answers (correct within 1e-3).
+  extraction: the first match of the record's options (``true/false``, ``option1..``, ``answer1..``, matched
+  anywhere as LLM-Adapters does; letter options stand alone and are read after "The answer is" first), or the
+  last number for numeric answers (correct within 1e-3).
 - ``loglik``: each option's continuation is scored by its log-probability after the prompt (lm-evaluation-
   harness style; ``length_normalize`` divides by its length in bytes); the best option is the prediction.
 - ``classification``: arg-max of the classifier logits (for multiple choice, over the record's own choices).
@@ -49,7 +50,11 @@ def extract_answer(text: str, options: Sequence[str] | None = None, numeric: boo
     if all(len(o) == 1 for o in options) and stated and stated.group(1).lower() in lowered:
         return lowered[stated.group(1).lower()]  # letters (ScienceQA): "The answer is X."
     pattern = "|".join(re.escape(o) for o in sorted(options, key=len, reverse=True))
-    match = re.search(rf"(?<![A-Za-z0-9])({pattern})(?![A-Za-z0-9])", text, re.IGNORECASE)
+    if all(len(o) == 1 for o in options):  # a bare letter must stand alone
+        pattern = rf"(?<![A-Za-z0-9])({pattern})(?![A-Za-z0-9])"
+    else:  # LLM-Adapters' re.findall(r'true|false', ...): no word boundaries ("true8cred" reads as true)
+        pattern = rf"({pattern})"
+    match = re.search(pattern, text, re.IGNORECASE)
     return lowered[match.group(1).lower()] if match else None
 
 

@@ -232,6 +232,8 @@ def test_multiple_choice_encoder_learns_and_ignores_padded_choices(tmp_path):
     ("Answer: The answer is B.", ["A", "B", "C"], False, "B"),
     ("A dog is a mammal. The answer is B.", ["A", "B"], False, "B"),
     ("option2 fits", ["option1", "option2"], False, "option2"),
+    ("the correct answer is true8cred!", ["true", "false"], False, "true"),  # no word boundary, as LLM-Adapters
+    ("Bobcats abound.", ["A", "B"], False, None),  # a letter inside a word is no answer
     ("nothing here", ["true", "false"], False, None),
     ("He has 1,250 apples, so 12.5 each. The answer is 12.5", None, True, "12.5"),
 ])
