@@ -59,7 +59,8 @@ def allocate(method: str, model: nn.Module, *, targets: Any = "all-linear", budg
     experts, top_k = options.get("experts"), options.get("top_k")
     if isinstance(experts, int) and isinstance(top_k, int) and top_k > experts:
         raise ValueError(f"{method}: top_k={top_k} is larger than the number of experts ({experts})")
-    if budget is not None and method in _EVERY_TARGET:
+    plan = _REGISTRY[method](model, targets=targets, budget=budget, data=data, seed=seed, **options)
+    if budget is not None and method in _EVERY_TARGET:  # an allocator that only warned about an impossible budget
         from ..plan import find_targets
         from .budget import TOLERANCE, parse_budget, plan_cost, routed, target_dims
 
@@ -68,7 +69,7 @@ def allocate(method: str, model: nn.Module, *, targets: Any = "all-linear", budg
         if parse_budget(budget, model, targets) * (1 + TOLERANCE) < minimum:
             raise ValueError(f"budget {budget} is below the minimum of {minimum:,} parameters for {method} (one "
                              f"expert of rank 1 on each of the {len(names)} target modules)")
-    return _REGISTRY[method](model, targets=targets, budget=budget, data=data, seed=seed, **options)
+    return plan
 
 
 from . import alphalora, guilomo, hilo, mola, sensitivity, uniform  # noqa: E402,F401  (register the built-ins)
