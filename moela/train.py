@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,13 +43,15 @@ DATA_KINDS = {"causal_lm": "instruction", "sequence_classification": "classifica
               "multiple_choice": "multiple_choice"}
 # Output heads an encoder task trains with the adapter (PEFT's ``modules_to_save`` for sequence classification).
 CLASSIFIER_HEADS = ("classifier", "score")
+WAIT = timedelta(hours=6)  # how long a process waits for the others (e.g. for the main one's evaluation)
 
 
 def process_state() -> PartialState:
     """This process's place in the run, read from the launcher's environment (``accelerate launch``,
-    ``torchrun``); it sets up the process group (gloo on CPU) that the Trainer then uses. A plain command is
-    one process."""
-    return PartialState(cpu=not torch.cuda.is_available())
+    ``torchrun``); it sets up the process group (gloo on CPU) that the Trainer then uses, with a timeout of
+    :data:`WAIT` (the other processes of ``moela compare`` wait while the main one evaluates). A plain command
+    is one process."""
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=WAIT)
 
 
 def torch_dtype(name: str | None) -> torch.dtype | str:
