@@ -63,8 +63,9 @@ TASKS: dict[str, dict] = {
                             "eval": {"path": str(LLM / "openbookqa/test.json"), "limit": 150}, "cutoff_len": 96},
                    "train": MINILM_TRAIN},
     "scienceqa": {"model": {"name_or_path": "moela:minilm", "task": "multiple_choice"},
-                  "data": {"train": str(SHARED / "data/scienceqa-sample/train.jsonl"),
-                           "eval": str(SHARED / "data/scienceqa-sample/test.jsonl"), "cutoff_len": 128,
+                  "data": {"train": {"path": str(SHARED / "data/scienceqa-sample/train.jsonl"), "limit": 128},
+                           "eval": {"path": str(SHARED / "data/scienceqa-sample/test.jsonl"), "limit": 150},
+                           "cutoff_len": 128,
                            "text_column": "question", "text_pair_column": "hint", "label_column": "answer"},
                   "train": MINILM_TRAIN},
     "stories260k-boolq": {"model": {"name_or_path": str(SHARED / "models/stories260k")},
@@ -200,7 +201,7 @@ def render(info: dict) -> str:
     out += ["", "Tasks, protocols and sizes (train examples / evaluation examples, epochs):", ""]
     for t in tasks:
         spec = info["tasks"][t]
-        size = lambda s: s.get("limit", "all") if isinstance(s, dict) else "all (200)"  # noqa: E731
+        size = lambda s: s.get("limit", "all") if isinstance(s, dict) else "all"  # noqa: E731
         model = Path(spec["model"]["name_or_path"]).name.replace("moela:minilm", "all-MiniLM-L6-v2")
         out.append(f"- `{t}`: {model}, {PROTOCOLS.get(t, '?')}; {size(spec['data']['train'])} / "
                    f"{size(spec['data']['eval'])}, {spec['train']['epochs']} epochs, lr {spec['train']['lr']}, "
