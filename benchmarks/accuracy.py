@@ -45,34 +45,30 @@ HEATMAP_TASK = "arc-easy"
 LLM = SHARED / "data" / "llm-adapters"
 
 MINILM_TRAIN = {"epochs": 2, "batch_size": 8, "lr": 2.0e-3, "progress": False, "logging_steps": 50}
+
+
+def minilm(task: str, train: Path, evaluate: Path, limits: tuple[int, int], cutoff_len: int, **data) -> dict:
+    """A config of the packaged all-MiniLM-L6-v2 on the first ``limits`` training / evaluation records."""
+    return {"model": {"name_or_path": "moela:minilm", "task": task},
+            "data": {"train": {"path": str(train), "limit": limits[0]},
+                     "eval": {"path": str(evaluate), "limit": limits[1]}, "cutoff_len": cutoff_len, **data},
+            "train": MINILM_TRAIN}
+
+
 TASKS: dict[str, dict] = {
-    "sst2": {"model": {"name_or_path": "moela:minilm", "task": "sequence_classification"},
-             "data": {"train": {"path": str(SHARED / "data/sst2/train.tsv"), "limit": 256},
-                      "eval": {"path": str(SHARED / "data/sst2/dev.tsv"), "limit": 400}, "cutoff_len": 64},
-             "train": MINILM_TRAIN},
-    "boolq": {"model": {"name_or_path": "moela:minilm", "task": "sequence_classification"},
-              "data": {"train": {"path": str(LLM / "boolq/train.json"), "limit": 256},
-                       "eval": {"path": str(LLM / "boolq/test.json"), "limit": 300}, "cutoff_len": 64},
-              "train": MINILM_TRAIN},
-    "arc-easy": {"model": {"name_or_path": "moela:minilm", "task": "multiple_choice"},
-                 "data": {"train": {"path": str(LLM / "ARC-Easy/train.json"), "limit": 128},
-                          "eval": {"path": str(LLM / "ARC-Easy/test.json"), "limit": 150}, "cutoff_len": 96},
-                 "train": MINILM_TRAIN},
-    "openbookqa": {"model": {"name_or_path": "moela:minilm", "task": "multiple_choice"},
-                   "data": {"train": {"path": str(LLM / "openbookqa/train.json"), "limit": 128},
-                            "eval": {"path": str(LLM / "openbookqa/test.json"), "limit": 150}, "cutoff_len": 96},
-                   "train": MINILM_TRAIN},
-    "scienceqa": {"model": {"name_or_path": "moela:minilm", "task": "multiple_choice"},
-                  "data": {"train": {"path": str(SHARED / "data/scienceqa-sample/train.jsonl"), "limit": 128},
-                           "eval": {"path": str(SHARED / "data/scienceqa-sample/test.jsonl"), "limit": 150},
-                           "cutoff_len": 128,
-                           "text_column": "question", "text_pair_column": "hint", "label_column": "answer"},
-                  "train": MINILM_TRAIN},
+    "sst2": minilm("sequence_classification", SHARED / "data/sst2/train.tsv", SHARED / "data/sst2/dev.tsv",
+                   (256, 400), 64),
+    "boolq": minilm("sequence_classification", LLM / "boolq/train.json", LLM / "boolq/test.json", (256, 300), 64),
+    "arc-easy": minilm("multiple_choice", LLM / "ARC-Easy/train.json", LLM / "ARC-Easy/test.json", (128, 150), 96),
+    "openbookqa": minilm("multiple_choice", LLM / "openbookqa/train.json", LLM / "openbookqa/test.json",
+                         (128, 150), 96),
+    "scienceqa": minilm("multiple_choice", SHARED / "data/scienceqa-sample/train.jsonl",
+                        SHARED / "data/scienceqa-sample/test.jsonl", (128, 150), 128,
+                        text_column="question", text_pair_column="hint", label_column="answer"),
     "stories260k-boolq": {"model": {"name_or_path": str(SHARED / "models/stories260k")},
                           "data": {"train": {"path": str(LLM / "boolq/train.json"), "limit": 256},
                                    "eval": {"path": str(LLM / "boolq/test.json"), "limit": 100}, "cutoff_len": 256},
-                          "train": {"epochs": 2, "batch_size": 16, "lr": 2.0e-3, "progress": False,
-                                    "logging_steps": 50},
+                          "train": {**MINILM_TRAIN, "batch_size": 16},
                           "eval": {"protocol": "generation", "max_new_tokens": 32, "batch_size": 50}},
 }
 PROTOCOLS = {"sst2": "classification", "boolq": "classification", "arc-easy": "multiple choice (classifier)",
