@@ -147,9 +147,8 @@ def main() -> None:
         if args.quick:
             print(f"quick run: {len(rows)} runs in {time.perf_counter() - started:.0f} s (nothing written)")
             return
-        info = {"seconds": round(time.perf_counter() - started), "run_seconds": round(sum(r["wall_s"] for r in rows)),
-                "seeds": args.seeds, "budget": BUDGET,
-                "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        info = {"run_seconds": round(sum(r["wall_s"] for r in rows)), "seeds": args.seeds, "budget": BUDGET,
+                "machine": f"{platform.machine()}, torch {torch.__version__} with {torch.get_num_threads()} thread(s)",
                 "tasks": {t: TASKS[t] for t in args.tasks}, "majority": {t: majority(t) for t in args.tasks},
                 "rows": rows}
         atomic_write_text(results, json.dumps(info, indent=1) + "\n")
@@ -217,18 +216,21 @@ def render(info: dict) -> str:
         out.append(f"| {m} | " + " | ".join(cells) + " |")
     out += ["", "✓: better than uniform on every seed; ✗: worse on every seed.", "",
             "### Budget and allocation cost", "",
-            "| method | trainable params (per task) | active params/token | allocation s | allocation / one "
-            "training epoch | allocation / whole training |", "|---|---|---|---|---|---|"]
+            "| method | trainable vs uniform (worst run) | active / trainable per token | allocation s | allocation / "
+            "one training epoch | allocation / whole training |", "|---|---|---|---|---|---|"]
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
-        trainable = sorted({f"{r['trainable']:,}" for r in mine})
+        off = max(abs(r["trainable"] / by[r["task"], "uniform", r["seed"]]["trainable"] - 1) for r in mine
+                  if (r["task"], "uniform", r["seed"]) in by)
         alloc = statistics.mean(r["allocation_s"] for r in mine)
         per_epoch = statistics.mean(r["allocation_s"] / (r["train_s"] / r["epochs"]) for r in mine)
         whole = statistics.mean(r["allocation_s"] / r["train_s"] for r in mine)
-        active = statistics.mean(r["active"] for r in mine)
-        out.append(f"| {m} | {' / '.join(trainable[:3])}{' …' if len(trainable) > 3 else ''} | {active:,.0f} | "
-                   f"{alloc:.2f} | {100 * per_epoch:.1f}% | {100 * whole:.1f}% |")
-    out += ["", "Allocation seconds and ratios are means over every task and seed (allocation and training timed in "
+        active = statistics.mean(r["active"] / r["trainable"] for r in mine)
+        out.append(f"| {m} | ≤ {100 * off:.1f}% | {100 * active:.0f}% | {alloc:.2f} | {100 * per_epoch:.1f}% | "
+                   f"{100 * whole:.1f}% |")
+    budgets = {t: next(r["trainable"] for r in rows if r["task"] == t and r["method"] == "uniform") for t in tasks}
+    out += ["", "The uniform budget is " + ", ".join(f"{b:,} parameters on {t}" for t, b in budgets.items()) + "."]
+    out += ["Allocation seconds and ratios are means over every task and seed (allocation and training timed in "
             "the same process, one after the other).", "", f"### Allocation heatmaps ({HEATMAP_TASK}, first seed)", ""]
     for m in methods:
         if (RESULTS / f"heatmap-{m}.png").is_file():
