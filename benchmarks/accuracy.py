@@ -119,7 +119,8 @@ def majority(task: str) -> str:
     from moela.cli import read_sources
     from moela.train import DATA_KINDS, model_task
 
-    config = task_config(task, 0, Path(tempfile.mkdtemp()), quick=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        config = task_config(task, 0, Path(scratch), quick=False)
     kind = DATA_KINDS[model_task(config["model"]["name_or_path"], config["model"]["task"])]
     records = read_sources(config["data"]["eval"], kind, config["data"], config["data"]["eval_split"], None)
     counts = Counter(r.get("label", r.get("answer")) for r in records)

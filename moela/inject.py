@@ -178,8 +178,6 @@ def write_adapter(model: nn.Module, directory: Path, state: dict[str, torch.Tens
 def save_adapter(model: nn.Module, directory: str | Path) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``, atomically:
     a failure leaves any previous adapter there untouched."""
-    if getattr(model, "moela_config", None) is None:
-        raise ValueError("this model has no moela adapters: call moela.inject first")
     with atomic_dir(Path(directory)) as tmp:
         write_adapter(model, tmp)
 
