@@ -85,8 +85,8 @@ class LoraMoELinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.d_in, rank_total, bias=False, **factory)
         self.lora_B = nn.Linear(rank_total, self.d_out, bias=False, **factory)
-        self.router = nn.Linear(self.d_in, self.num_slots, bias=False, device=weight.device,
-                                dtype=torch.float32) if self.routed else None
+        self.router = Router(self.d_in, self.num_slots, bias=False, device=weight.device,
+                             dtype=torch.float32) if self.routed else None
 
         scales = [alpha / (r if scaling == "lora" else math.sqrt(r)) for r in self.ranks]
         owner = torch.repeat_interleave(torch.arange(self.num_experts), torch.tensor(self.ranks))
@@ -117,8 +117,7 @@ class LoraMoELinear(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits (…, E+M), selection mask (…, E+M) and renormalised real-expert gates ĝ (…, E)."""
-        weight = self.router.weight  # float32 unless the user casts it
-        logits = self.router(x) if x.dtype == weight.dtype else _UpcastLinear.apply(x, weight)
+        logits = self.router(x)
         # Renormalising p over a selected set S equals a softmax of the logits restricted to S (real experts).
         if self.top_p is None:
             top_logits, top_idx = logits.topk(self.top_k, dim=-1)
@@ -186,6 +185,16 @@ class LoraMoELinear(nn.Module):
 def _average_nulls(values: torch.Tensor, num_real: int) -> torch.Tensor:
     null = values[num_real:]
     return torch.cat([values[:num_real], null.mean().expand_as(null)])
+
+
+class Router(nn.Linear):
+    """A bias-free linear router that reads lower-precision inputs in its own (float32) precision.
+
+    Always called as a module, so hook-based sharding (DeepSpeed ZeRO-3, FSDP) gathers its weight first.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) if x.dtype == self.weight.dtype else _UpcastLinear.apply(x, self.weight)
 
 
 class _UpcastLinear(torch.autograd.Function):

@@ -147,6 +147,25 @@ def test_batched_input_and_mixed_dtype():
     assert layer.last_stats.logits.shape == (3, 5, 3)
 
 
+def test_router_is_called_as_a_module_and_upcasts_with_plain_gradients():
+    """Sharding hooks (ZeRO-3, FSDP) see the router called; bf16 inputs get cast + linear's exact gradients."""
+    layer = LoraMoELinear(nn.Linear(D_IN, D_OUT).to(torch.bfloat16), [2, 4, 2], top_k=2)
+    calls = []
+    layer.router.register_forward_pre_hook(lambda module, args: calls.append(args[0].dtype))
+    x = torch.randn(7, D_IN, dtype=torch.bfloat16, requires_grad=True)
+    logits = layer.router(x)
+    layer(x)
+    assert calls == [torch.bfloat16, torch.bfloat16] and logits.dtype == torch.float32
+    grad = torch.randn_like(logits)
+    gx, gw = torch.autograd.grad(logits, (x, layer.router.weight), grad)
+    x_ref = x.detach().clone().requires_grad_()
+    ref = nn.functional.linear(x_ref.float(), layer.router.weight)
+    gx_ref, gw_ref = torch.autograd.grad(ref, (x_ref, layer.router.weight), grad)
+    torch.testing.assert_close(logits, ref, rtol=0, atol=0)
+    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-6, atol=1e-6)
+
+
 def test_balance_loss_definition():
     layer = make_layer([2, 2, 2, 2], top_k=2)
     x = inputs()

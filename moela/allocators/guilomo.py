@@ -78,7 +78,7 @@ class GSVLinear(LoraMoELinear):
 
     def column_gates(self, x: torch.Tensor) -> torch.Tensor:
         expert, rank = self.masks()
-        logits = self.router(x.to(self.router.weight.dtype)).masked_fill(expert.detach() == 0, float("-inf"))
+        logits = self.router(x).masked_fill(expert.detach() == 0, float("-inf"))
         selected = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(self.top_k, -1).indices, True)
         gates = logits.masked_fill(~selected, float("-inf")).softmax(-1).nan_to_num(0.0) * expert
         self.last_stats = RouterStats(logits, selected)
