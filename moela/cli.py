@@ -364,7 +364,7 @@ def run_one(config: dict, *, overwrite: bool = False, resume: bool = False,
     from . import train as training
     from .config import MoelaConfig
     from .data import make_loader
-    from .evaluate import routing_statistics
+    from .evaluate import RoutingCounter, routing_statistics
     from .inject import inject
     from .plan import AllocationPlan
     from .report import run_row, write_run_report
@@ -416,10 +416,13 @@ def run_one(config: dict, *, overwrite: bool = False, resume: bool = False,
             if history["sharded"]:  # FSDP/DeepSpeed left shards here: evaluate the saved adapter on a fresh base
                 model, _ = load_base(config, setup)
                 training.load_trained(model, run_dir / "adapter")
-            metrics, rows = evaluate_model(model, config, setup)
-            loader = make_loader(setup["eval_features"], setup["tokenizer"].pad_token_id,
-                                 batch_size=config["eval"]["batch_size"])
-            routing = routing_statistics(model, loader)
+            counter = RoutingCounter(model)
+            metrics, rows = evaluate_model(model, config, setup, counter)
+            if counter.tokens:  # counted during the classification forwards
+                routing = counter.result()
+            else:  # generation, option log-likelihood and lm-eval do not run the evaluation features as they are
+                routing = routing_statistics(model, make_loader(setup["eval_features"], setup["tokenizer"].pad_token_id,
+                                                                batch_size=config["eval"]["batch_size"]))
             metrics.update(method=method, adapter_params=trainable, budget=plan.meta.get("budget"),
                            active_params_per_token=routing["active_params_per_token"])
             write_json(run_dir / "metrics.json", metrics)
@@ -434,7 +437,7 @@ def run_one(config: dict, *, overwrite: bool = False, resume: bool = False,
         raise
 
 
-def evaluate_model(model, config: dict, setup: dict) -> tuple[dict, list]:
+def evaluate_model(model, config: dict, setup: dict, routing=None) -> tuple[dict, list]:
     from .evaluate import evaluate, lm_eval_harness
 
     ev = config["eval"]
@@ -445,7 +448,7 @@ def evaluate_model(model, config: dict, setup: dict) -> tuple[dict, list]:
     return evaluate(model, setup["tokenizer"], setup["eval_records"], setup["kind"], protocol=ev["protocol"],
                     features=setup["eval_features"], template=config["data"]["template"],
                     max_new_tokens=ev["max_new_tokens"], num_beams=ev["num_beams"],
-                    length_normalize=ev["length_normalize"], batch_size=ev["batch_size"])
+                    length_normalize=ev["length_normalize"], batch_size=ev["batch_size"], routing=routing)
 
 
 def compare(config: dict, methods: Sequence[str], *, overwrite: bool = False, resume: bool = False) -> list[dict]:

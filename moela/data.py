@@ -322,7 +322,7 @@ class Collator:
         self.keep_task = keep_task
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(row) for f in features for row in _rows(f["input_ids"]))
+        width = max(map(feature_length, features))
         pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "token_type_ids": 0, "labels": -100}
         batch: dict[str, torch.Tensor] = {}
         for key in features[0]:
@@ -346,6 +346,11 @@ class Collator:
 
 def _rows(ids: list) -> list[list[int]]:
     return ids if ids and isinstance(ids[0], list) else [ids]
+
+
+def feature_length(feature: dict[str, Any]) -> int:
+    """Tokens in a feature's longest row (its only row, or its longest choice): its width in a padded batch."""
+    return max(len(row) for row in _rows(feature["input_ids"]))
 
 
 def make_loader(features: Sequence[dict], pad_token_id: int, batch_size: int = 8, shuffle: bool = False,

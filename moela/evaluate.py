@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from .data import Collator, format_prompt
+from .data import Collator, feature_length, format_prompt
 from .inject import moela_layers
 
 PROTOCOLS = ("generation", "loglik", "classification")  # and "lm_eval", run through lm_eval_harness
@@ -130,28 +130,39 @@ def option_scores(model: nn.Module, tokenizer, prompt: str, continuations: Seque
 
 @torch.no_grad()
 def classify(model: nn.Module, features: Sequence[dict], pad_token_id: int, batch_size: int = 32,
-             num_choices: Sequence[int] | None = None) -> list[int]:
-    """Arg-max class per feature; with ``num_choices``, over each example's first ``num_choices[i]`` logits."""
+             num_choices: Sequence[int] | None = None, routing: RoutingCounter | None = None) -> list[int]:
+    """Arg-max class per feature; with ``num_choices``, over each example's first ``num_choices[i]`` logits.
+
+    Batches are formed in order of length (less padding) and the predictions returned in the features' order;
+    ``routing``, when given, counts every batch's routing.
+    """
     collate = Collator(pad_token_id, keep_task=False)
-    predictions = []
-    for start in range(0, len(features), batch_size):
-        batch = collate(list(features[start:start + batch_size]))
+    order = sorted(range(len(features)), key=lambda i: feature_length(features[i]))
+    predictions = [0] * len(features)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = collate([features[i] for i in chunk])
         batch.pop("labels", None)
         logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float()
+        if routing is not None:
+            routing.add(batch)
         if num_choices is not None:
-            real = torch.tensor(num_choices[start:start + batch_size], device=logits.device)
+            real = torch.tensor([num_choices[i] for i in chunk], device=logits.device)
             padded = torch.arange(logits.shape[-1], device=logits.device)[None, :] >= real[:, None]
             logits = logits.masked_fill(padded, float("-inf"))
-        predictions += logits.argmax(-1).tolist()
+        for i, prediction in zip(chunk, logits.argmax(-1).tolist()):
+            predictions[i] = prediction
     return predictions
 
 
 def evaluate(model: nn.Module, tokenizer, records: Sequence[dict], kind: str, *, protocol: str = "auto",
              features: Sequence[dict] | None = None, template: str = "alpaca", max_new_tokens: int = 32,
-             num_beams: int = 1, length_normalize: bool = False, batch_size: int = 16) -> tuple[dict, list[dict]]:
+             num_beams: int = 1, length_normalize: bool = False, batch_size: int = 16,
+             routing: RoutingCounter | None = None) -> tuple[dict, list[dict]]:
     """Accuracy of ``model`` on ``records``: (metrics, per-record predictions). ``protocol`` ``auto`` is
     ``classification`` for classification and multiple-choice data and ``generation`` for instruction data;
-    ``features`` (the tokenised records) are needed for classification."""
+    ``features`` (the tokenised records) are needed for classification, whose forwards also feed ``routing``
+    (the other protocols leave it empty)."""
     encoder = kind in ("classification", "multiple_choice")
     if protocol == "auto":
         protocol = "classification" if encoder else "generation"
@@ -166,7 +177,7 @@ def evaluate(model: nn.Module, tokenizer, records: Sequence[dict], kind: str, *,
             if features is None:
                 raise ValueError("classification evaluation needs the tokenised features")
             choices = [len(r["choices"]) for r in records] if kind == "multiple_choice" else None
-            predicted = classify(model, features, tokenizer.pad_token_id, batch_size, choices)
+            predicted = classify(model, features, tokenizer.pad_token_id, batch_size, choices, routing)
             rows = [{"task": r["task"], "answer": r["label"], "prediction": p, "correct": p == r["label"]}
                     for r, p in zip(records, predicted)]
         else:
@@ -231,50 +242,63 @@ def lm_eval_harness(model: nn.Module, tokenizer, tasks: Sequence[str], batch_siz
 
 
 # --- routing statistics -----------------------------------------------------------------------------------
-@torch.no_grad()
-def routing_statistics(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """Load per expert per module and measured active parameters per token over ``batches``.
+class RoutingCounter:
+    """Load per expert per module and measured active parameters per token, counted batch by batch.
 
+    Call :meth:`add` with each batch right after ``model`` ran it (it reads the layers' ``last_stats``).
     ``load[i]``: fraction of the (non-padding) tokens' routing slots given to expert ``i`` (null experts
     last). Active parameters per token of a module: the mean over tokens of ``Σ_{selected real i} r_i
     (d_in + d_out)``; the model's figure is the sum over modules (METHODS.md §3).
     """
-    layers = list(moela_layers(model))
-    counts = {name: torch.zeros(layer.num_slots, dtype=torch.float64) for name, layer in layers}
-    active = {name: 0.0 for name, _ in layers}
-    tokens = 0
+
+    def __init__(self, model: nn.Module):
+        self.layers = list(moela_layers(model))
+        self.counts = {name: torch.zeros(layer.num_slots, dtype=torch.float64) for name, layer in self.layers}
+        self.active = {name: 0.0 for name, _ in self.layers}
+        self.tokens = 0
+
+    def add(self, batch: dict[str, torch.Tensor]) -> None:
+        mask = batch.get("attention_mask")
+        mask = mask.reshape(-1, mask.shape[-1]) if mask is not None else None  # multiple choice: (B·C, T)
+        n = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        self.tokens += n
+        for name, layer in self.layers:
+            cost = torch.tensor(layer.ranks, dtype=torch.float64) * (layer.d_in + layer.d_out)
+            if layer.last_stats is None:
+                self.counts[name][0] += n
+                self.active[name] += float(cost[0]) * n
+                continue
+            selected = layer.last_stats.selected.cpu()
+            if mask is not None and tuple(mask.shape) == tuple(selected.shape[:-1]):
+                selected = selected[mask.bool()]
+            selected = selected.reshape(-1, layer.num_slots).double()
+            self.counts[name] += selected.sum(0)
+            self.active[name] += float((selected[:, :layer.num_experts] @ cost).sum())
+
+    def result(self) -> dict[str, Any]:
+        modules = {}
+        for name, layer in self.layers:
+            slots = self.counts[name].sum()
+            modules[name] = {"ranks": layer.ranks, "num_null": layer.num_null,
+                             "load": (self.counts[name] / slots.clamp_min(1)).tolist(),
+                             "active_params_per_token": self.active[name] / max(self.tokens, 1)}
+        trainable = sum(layer.lora_A.weight.numel() + layer.lora_B.weight.numel()
+                        + (layer.router.weight.numel() if layer.router is not None else 0) for _, layer in self.layers)
+        return {"tokens": self.tokens, "adapter_params": trainable,
+                "active_params_per_token": sum(m["active_params_per_token"] for m in modules.values()),
+                "modules": modules}
+
+
+@torch.no_grad()
+def routing_statistics(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """:class:`RoutingCounter`'s statistics of ``model`` over ``batches`` (run here, in eval mode)."""
+    counter = RoutingCounter(model)
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
-            mask = batch.get("attention_mask")
-            mask = mask.reshape(-1, mask.shape[-1]) if mask is not None else None  # multiple choice: (B·C, T)
-            inputs = {k: v.to(model.device) for k, v in batch.items() if k not in ("labels", "task")}
-            model(**inputs)
-            n = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-            tokens += n
-            for name, layer in layers:
-                cost = torch.tensor(layer.ranks, dtype=torch.float64) * (layer.d_in + layer.d_out)
-                if layer.last_stats is None:
-                    counts[name][0] += n
-                    active[name] += float(cost[0]) * n
-                    continue
-                selected = layer.last_stats.selected.cpu()
-                if mask is not None and tuple(mask.shape) == tuple(selected.shape[:-1]):
-                    selected = selected[mask.bool()]
-                selected = selected.reshape(-1, layer.num_slots).double()
-                counts[name] += selected.sum(0)
-                active[name] += float((selected[:, :layer.num_experts] @ cost).sum())
+            model(**{k: v.to(model.device) for k, v in batch.items() if k not in ("labels", "task")})
+            counter.add(batch)
     finally:
         model.train(was_training)
-    modules = {}
-    for name, layer in layers:
-        slots = counts[name].sum()
-        modules[name] = {"ranks": layer.ranks, "num_null": layer.num_null,
-                         "load": (counts[name] / slots.clamp_min(1)).tolist(),
-                         "active_params_per_token": active[name] / max(tokens, 1)}
-    trainable = sum(layer.lora_A.weight.numel() + layer.lora_B.weight.numel()
-                    + (layer.router.weight.numel() if layer.router is not None else 0) for _, layer in layers)
-    return {"tokens": tokens, "adapter_params": trainable,
-            "active_params_per_token": sum(m["active_params_per_token"] for m in modules.values()),
-            "modules": modules}
+    return counter.result()

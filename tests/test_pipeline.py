@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from moela import AllocationPlan, inject
 from moela.cli import main
-from moela.evaluate import extract_answer, is_correct, option_scores, routing_statistics
+from moela.evaluate import RoutingCounter, classify, extract_answer, is_correct, option_scores, routing_statistics
 from moela.data import make_loader, tokenize
 
 
@@ -222,6 +222,32 @@ def test_multiple_choice_encoder_learns_and_ignores_padded_choices(tmp_path):
     assert all(p["prediction"] < len(t["choices"]) for p, t in zip(predictions, test))
     routing = json.loads((run / "routing.json").read_text())
     assert all(sum(m["load"]) == pytest.approx(1.0) for m in routing["modules"].values())
+
+
+def test_classify_batches_by_length_and_counts_routing_on_the_way():
+    """Length-sorted batches give each feature its own prediction; the routing counted during classification
+    equals a separate routing pass over the same features."""
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, vocab_size=260,
+        max_position_embeddings=64, num_labels=3, pad_token_id=0)).eval()
+    inject(model, AllocationPlan.uniform(model, ["query", "value", "dense"], experts=3, rank=2, top_k=2))
+    for layer in model.modules():
+        if hasattr(layer, "lora_B"):
+            torch.nn.init.normal_(layer.lora_B.weight)
+    lengths = [9, 3, 17, 5, 12, 3, 20, 7, 1, 14]
+    features = [{"input_ids": torch.randint(1, 260, (n,)).tolist(), "attention_mask": [1] * n, "labels": 0}
+                for n in lengths]
+    one_by_one = [classify(model, [f], pad_token_id=0, batch_size=1)[0] for f in features]
+    counter = RoutingCounter(model)
+    assert classify(model, features, pad_token_id=0, batch_size=4, routing=counter) == one_by_one
+    assert len(set(one_by_one)) > 1
+    counted = counter.result()
+    separate = routing_statistics(model, make_loader(features, 0, batch_size=3, keep_task=False))
+    assert counted["tokens"] == separate["tokens"] == sum(lengths)
+    assert counted["active_params_per_token"] == pytest.approx(separate["active_params_per_token"])
+    for name, module in separate["modules"].items():
+        assert counted["modules"][name]["load"] == pytest.approx(module["load"])
 
 
 # --- evaluation pieces --------------------------------------------------------------------------------------
