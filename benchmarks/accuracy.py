@@ -12,7 +12,7 @@ Tasks (subset sizes chosen so the whole run fits in an hour on 2 CPU cores; see 
     ARC-Easy, OpenBookQA and the ScienceQA sample (multiple choice);
   - stories260k (../shared/models) on BoolQ, generation-based evaluation (LLM-Adapters answer extraction).
 
-    .venv/bin/python benchmarks/accuracy.py                 # everything, 3 seeds (about 45 min on 2 cores)
+    .venv/bin/python benchmarks/accuracy.py                 # everything, 3 seeds (37 min on 2 idle cores)
     .venv/bin/python benchmarks/accuracy.py --report-only   # BENCHMARKS.md again from results/accuracy.json
 
 The (task, seed) comparisons run in ``--jobs`` processes of ``--threads`` torch threads each. On 2 cores two
