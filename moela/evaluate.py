@@ -253,6 +253,8 @@ class RoutingCounter:
 
     def __init__(self, model: nn.Module):
         self.layers = list(moela_layers(model))
+        self.costs = {name: torch.tensor(layer.ranks, dtype=torch.float64) * (layer.d_in + layer.d_out)
+                      for name, layer in self.layers}  # parameters each expert adds per token
         self.counts = {name: torch.zeros(layer.num_slots, dtype=torch.float64) for name, layer in self.layers}
         self.active = {name: 0.0 for name, _ in self.layers}
         self.tokens = 0
@@ -263,7 +265,7 @@ class RoutingCounter:
         n = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
         self.tokens += n
         for name, layer in self.layers:
-            cost = torch.tensor(layer.ranks, dtype=torch.float64) * (layer.d_in + layer.d_out)
+            cost = self.costs[name]
             if layer.last_stats is None:
                 self.counts[name][0] += n
                 self.active[name] += float(cost[0]) * n

@@ -188,7 +188,7 @@ def _average_nulls(values: torch.Tensor, num_real: int) -> torch.Tensor:
 
 
 class Router(nn.Linear):
-    """A bias-free linear router that reads lower-precision inputs in its own (float32) precision.
+    """The linear router ``G``: reads lower-precision inputs in its own (float32) precision.
 
     Always called as a module, so hook-based sharding (DeepSpeed ZeRO-3, FSDP) gathers its weight first.
     """
