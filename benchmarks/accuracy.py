@@ -16,7 +16,7 @@ Tasks (subset sizes chosen so the whole run fits in an hour on 2 CPU cores; see 
     .venv/bin/python benchmarks/accuracy.py --report-only   # BENCHMARKS.md again from results/accuracy.json
 
 The (task, seed) comparisons run in ``--jobs`` processes of ``--threads`` torch threads each. On 2 cores two
-single-thread jobs finish 1.4x sooner than one job of two threads (measured on BoolQ): MiniLM's matrices are
+single-thread jobs finish 1.5x sooner than one job of two threads (measured on BoolQ): MiniLM's matrices are
 too small for a second OpenMP thread to pay for its synchronisation. Allocation and training of a method share
 one process, so their ratio is measured under the same load. An interrupted run continues where it stopped
 (finished comparisons are kept in ``--out``).
