@@ -150,7 +150,9 @@ class LoraMoELinear(nn.Module):
         if self.disabled:
             return y
         x = self.dropout(x)
-        h = self.lora_A(x.to(self.lora_A.weight.dtype))
+        dtype = self.lora_A.weight.dtype
+        # Under autocast, lora_A casts for itself (to the autocast dtype); else the adapter reads its own dtype.
+        h = self.lora_A(x if x.dtype == dtype or torch.is_autocast_enabled(x.device.type) else x.to(dtype))
         h = h * self.column_gates(x).to(h.dtype)
         return y + self.lora_B(h).to(y.dtype)
 
@@ -188,12 +190,19 @@ def _average_nulls(values: torch.Tensor, num_real: int) -> torch.Tensor:
 
 
 class Router(nn.Linear):
-    """The linear router ``G``: reads lower-precision inputs in its own (float32) precision.
+    """The linear router ``G``: computes in its own (float32) precision, whatever the input dtype and autocast.
 
     Always called as a module, so hook-based sharding (DeepSpeed ZeRO-3, FSDP) gathers its weight first.
+    Under ``torch.autocast`` it opts out of autocast, so the logits stay float32 (METHODS.md §2.1).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self._logits(x)
+        return self._logits(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x) if x.dtype == self.weight.dtype else _UpcastLinear.apply(x, self.weight)
 
 
@@ -201,7 +210,8 @@ class _UpcastLinear(torch.autograd.Function):
     """``x.to(W.dtype) @ Wᵀ`` that keeps ``x`` for backward in its own (lower) precision, not as a float32 copy.
 
     The router runs in float32 on bf16 activations; ``nn.Linear`` on the cast input would save one float32
-    copy of the hidden state per routed module. The gradients are those of the plain cast + linear.
+    copy of the hidden state per routed module. The gradients are those of the plain cast + linear, computed in
+    ``W``'s dtype whatever the incoming gradient's dtype and the autocast state of the backward pass.
     """
 
     @staticmethod
@@ -212,6 +222,8 @@ class _UpcastLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         x, weight = ctx.saved_tensors
-        grad_x = (grad @ weight).to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = grad.flatten(0, -2).T @ x.flatten(0, -2).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        with torch.autocast(grad.device.type, enabled=False):
+            grad = grad.to(weight.dtype)
+            grad_x = (grad @ weight).to(x.dtype) if ctx.needs_input_grad[0] else None
+            grad_w = grad.flatten(0, -2).T @ x.flatten(0, -2).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w
