@@ -143,3 +143,27 @@ def test_router_under_autocast_saves_no_float32_copy_and_backward_may_run_inside
         layer(x).float().sum().backward()
     assert x.grad.dtype == torch.bfloat16 and layer.router.weight.grad.dtype == torch.float32
     assert torch.isfinite(layer.router.weight.grad).all() and layer.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant", ["top-k", "top-p", "null experts"])
+def test_built_in_balance_loss_under_autocast_bf16(variant):
+    """The gradient the layer attaches equals adding ``coef · balance_loss()`` to the loss by hand."""
+    layer = make_layer(variant, torch.bfloat16, torch.float32).train()
+    x = torch.randn(3, 11, D_IN, generator=torch.Generator().manual_seed(1), dtype=torch.bfloat16)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[0, 7:] = 0
+    weight = torch.randn(3, 11, D_OUT, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for built_in in (True, False):
+        layer.balance_coef, layer.token_mask = (0.3 if built_in else 0.0), mask
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = (layer(x).float() * weight).sum()
+        if not built_in:
+            loss = loss + 0.3 * layer.balance_loss(mask)
+        else:
+            torch.testing.assert_close(layer.last_balance, layer.balance_loss(mask).detach())
+        loss.backward()
+        grads.append({name: p.grad.clone() for name, p in layer.named_parameters() if p.requires_grad})
+        layer.zero_grad(set_to_none=True)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], msg=name)
