@@ -148,7 +148,8 @@ class LoraMoELinear(nn.Module):
         column_scale = torch.tensor(scales, dtype=torch.float32)[owner]
         # c(j): the expert that owns rank column j, s_{c(j)} the scale of that column, and the (E+M) × R map
         # from slot gates to column gates (s_{c(j)} in row c(j) of column j; null experts' rows are zero).
-        column_map = torch.zeros(self.num_slots, rank_total).index_put_((owner, torch.arange(rank_total)), column_scale)
+        column_map = torch.zeros(self.num_slots, rank_total).index_put_((owner, torch.arange(rank_total)),
+                                                                      column_scale)
         self.register_buffer("column_expert", owner.to(weight.device), persistent=False)
         self.register_buffer("column_scale", column_scale.to(weight.device), persistent=False)
         self.register_buffer("column_map", column_map.to(weight.device), persistent=False)
@@ -201,7 +202,8 @@ class LoraMoELinear(nn.Module):
             return self.column_scale
         routing = self.route(x)
         self.last_stats = RouterStats(routing.logits, indices=routing.indices, chosen=routing.chosen)
-        return routing.gates() @ self.column_map
+        gates, column_map = routing.gates(), self.column_map
+        return gates @ (column_map if column_map.dtype == gates.dtype else column_map.to(gates.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -287,7 +289,8 @@ class _AddAuxiliaryLoss(torch.autograd.Function):
 
 
 class Router(nn.Linear):
-    """The bias-free linear router ``G``, float32: computes in its own (float32) precision, whatever the input dtype and autocast.
+    """The bias-free linear router ``G``: computes in its own (float32) precision, whatever the input dtype and
+    the autocast state.
 
     Always called as a module, so hook-based sharding (DeepSpeed ZeRO-3, FSDP) gathers its weight first.
     Under ``torch.autocast`` it opts out of autocast, so the logits stay float32 (METHODS.md §2.1).
