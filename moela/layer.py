@@ -196,14 +196,20 @@ class LoraMoELinear(nn.Module):
         return Routing(logits, indices, weights, chosen)
 
     def column_gates(self, x: torch.Tensor) -> torch.Tensor:
-        """``ĝ_{c(j)} · s_{c(j)}`` for every rank column j: (…, R), or (R,) when there is no router."""
+        """``ĝ_{c(j)} · s_{c(j)}`` for every rank column j: (…, R), or (R,) when there is no router. Records
+        ``last_stats``."""
         if not self.routed:
-            self.last_stats = None
+            self._record(None)
             return self.column_scale
-        routing = self.route(x)
-        self.last_stats = RouterStats(routing.logits, indices=routing.indices, chosen=routing.chosen)
-        gates, column_map = routing.gates(), self.column_map
+        logits, indices, weights, chosen = self.route(x)
+        self._record(RouterStats(logits, indices=indices, chosen=chosen))
+        gates = torch.zeros_like(logits).scatter_(-1, indices, weights)
+        column_map = self.column_map
         return gates @ (column_map if column_map.dtype == gates.dtype else column_map.to(gates.dtype))
+
+    def _record(self, stats: RouterStats | None) -> None:
+        # A plain attribute: skip nn.Module.__setattr__'s parameter/module/buffer bookkeeping (every forward).
+        object.__setattr__(self, "last_stats", stats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
