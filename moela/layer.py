@@ -207,10 +207,9 @@ class LoraMoELinear(nn.Module):
         if not self.routed:
             self._record(None)
             return self.column_scale
-        logits, indices, weights, chosen = self.route(x)
-        self._record(RouterStats(logits, indices=indices, chosen=chosen))
-        gates = weights if indices is None else torch.zeros_like(logits).scatter_(-1, indices, weights)
-        column_map = self.column_map
+        routing = self.route(x)
+        self._record(RouterStats(routing.logits, indices=routing.indices, chosen=routing.chosen))
+        gates, column_map = routing.gates(), self.column_map
         return gates @ (column_map if column_map.dtype == gates.dtype else column_map.to(gates.dtype))
 
     def _record(self, stats: RouterStats | None) -> None:
