@@ -2,13 +2,17 @@
 
 __version__ = "0.1.0"
 
+from .adapter import load_adapter, save_adapter
+from .allocators import allocate, allocator, available, register
 from .config import MoelaConfig
-from .inject import (balance_loss, count_parameters, disable_adapters, get_moela_model, inject, load_adapter,
-                     moela_layers, print_trainable_parameters, save_adapter)
 from .layer import LoraMoELinear
-from .allocators import allocate, register
+from .model import (balance_loss, count_parameters, disable_adapters, get_moela_model, inject, moela_layers,
+                    print_trainable_parameters)
+from .pipeline import compare, run
 from .plan import AllocationPlan, ModulePlan, find_targets
+from .settings import Settings, load_settings
 
-__all__ = ["allocate", "register", "AllocationPlan", "LoraMoELinear", "ModulePlan", "MoelaConfig", "__version__", "balance_loss",
-           "count_parameters", "disable_adapters", "find_targets", "get_moela_model", "inject", "load_adapter",
-           "moela_layers", "print_trainable_parameters", "save_adapter"]
+__all__ = ["AllocationPlan", "LoraMoELinear", "ModulePlan", "MoelaConfig", "Settings", "__version__", "allocate",
+           "allocator", "available", "balance_loss", "compare", "count_parameters", "disable_adapters",
+           "find_targets", "get_moela_model", "inject", "load_adapter", "load_settings", "moela_layers",
+           "print_trainable_parameters", "register", "run", "save_adapter"]

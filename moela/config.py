@@ -13,18 +13,32 @@ from .plan import AllocationPlan
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+HEAD_NAME = "head.safetensors"
+TASK_TYPES = ("causal_lm", "sequence_classification", "multiple_choice")
 
 
 @dataclass
 class MoelaConfig:
-    """The plan plus the layer hyper-parameters shared by all adapted modules (METHODS.md §2)."""
+    """The plan plus the layer hyper-parameters shared by all adapted modules (METHODS.md §2), and what is
+    needed to find and shape the base model again."""
 
     plan: AllocationPlan
     alpha: float = 16.0
+    """LoRA scale numerator: expert i adds ``α/r_i · B_i A_i x`` (``α/√r_i`` with ``scaling="rslora"``)."""
     dropout: float = 0.0
+    """Dropout probability on the adapter input (one mask shared by the router and the experts)."""
     scaling: str = "lora"
+    """``lora`` (α/r) or ``rslora`` (α/√r)."""
     base_model_name_or_path: str | None = None
+    """The base model: a hub id as given, or an absolute local path."""
     revision: str | None = None
+    """The base model's commit on the hub, when known."""
+    task_type: str | None = None
+    """One of :data:`TASK_TYPES` (which ``AutoModelFor…`` class the base is loaded with), when known."""
+    num_labels: int | None = None
+    """Classifier output size of a sequence-classification base."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Base modules trained with the adapter (e.g. the classifier head), saved in ``head.safetensors``."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -32,6 +46,8 @@ class MoelaConfig:
             raise ValueError(f"scaling must be one of {SCALINGS}, got {self.scaling!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ValueError(f"task_type must be one of {TASK_TYPES}, got {self.task_type!r}")
 
     def to_dict(self) -> dict[str, Any]:
         from . import __version__
@@ -39,7 +55,8 @@ class MoelaConfig:
         return {"adapter_type": "moela", "moela_version": __version__, "alpha": self.alpha,
                 "dropout": self.dropout, "scaling": self.scaling,
                 "base_model_name_or_path": self.base_model_name_or_path, "revision": self.revision,
-                "extra": self.extra, "plan": self.plan.to_dict()}
+                "task_type": self.task_type, "num_labels": self.num_labels,
+                "modules_to_save": list(self.modules_to_save), "extra": self.extra, "plan": self.plan.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MoelaConfig":
@@ -48,7 +65,8 @@ class MoelaConfig:
         return cls(plan=AllocationPlan.from_dict(data["plan"]), alpha=float(data.get("alpha", 16.0)),
                    dropout=float(data.get("dropout", 0.0)), scaling=data.get("scaling", "lora"),
                    base_model_name_or_path=data.get("base_model_name_or_path"), revision=data.get("revision"),
-                   extra=dict(data.get("extra") or {}))
+                   task_type=data.get("task_type"), num_labels=data.get("num_labels"),
+                   modules_to_save=list(data.get("modules_to_save") or []), extra=dict(data.get("extra") or {}))
 
     def save(self, directory: str | Path) -> None:
         atomic_write_text(Path(directory) / CONFIG_NAME, json.dumps(self.to_dict(), indent=1) + "\n")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .data import Collator, feature_length, format_prompt
-from .inject import moela_layers
+from .model import moela_layers
 
 PROTOCOLS = ("generation", "loglik", "classification")  # and "lm_eval", run through lm_eval_harness
 _NUMBER = re.compile(r"-?\d+\.?\d*")

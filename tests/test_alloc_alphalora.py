@@ -11,7 +11,9 @@ from moela.allocators import allocate
 from moela.allocators.alphalora import hill_alpha
 from moela.plan import layer_index
 
-from tests.test_alloc_static import one_thread  # noqa: F401  (autouse fixture)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops run faster on one thread
 
 
 def pareto_quantiles(alpha: float, n: int) -> np.ndarray:

@@ -10,12 +10,13 @@ import torch
 from moela.allocators import allocate, available
 from moela.plan import AllocationPlan
 
-from tests.conftest import ARCHITECTURES, TARGETS, tiny_model
-from tests.test_alloc_static import one_thread  # noqa: F401  (autouse fixture)
-from tests.test_alloc_sensitivity import examples
+from tests.helpers import ARCHITECTURES, TARGETS, examples, tiny_model
 
 OPTIONS = {"sensitivity": {"mode": "proportional"}, "guilomo": {"max_steps": 3, "batch_size": 4}}
 DATA_DRIVEN = {"sensitivity", "guilomo"}
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops run faster on one thread
 
 
 def test_every_builtin_is_covered():

@@ -11,9 +11,10 @@ from torch import nn
 from moela.allocators import allocate
 from moela.allocators.guilomo import GSVLinear, PrefixSelect, hypergradient
 
-from tests.conftest import tiny_model
-from tests.test_alloc_static import one_thread  # noqa: F401  (autouse fixture)
-from tests.test_alloc_sensitivity import examples
+from tests.helpers import examples, tiny_model
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops run faster on one thread
 
 
 def test_prefix_select_forward_and_straight_through_backward():

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from moela.allocators import allocate
 from moela.cli import main
-from tests.conftest import tiny_model
-from tests.test_pipeline import lm_config, save_tiny
+from tests.helpers import tiny_model
+from tests.helpers import lm_config, save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,11 +42,6 @@ def assert_same_adapter(a: Path, b: Path, atol: float) -> None:
     assert first.keys() == second.keys()
     for key in first:
         torch.testing.assert_close(second[key], first[key], rtol=0, atol=atol, msg=key)
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory) -> Path:
-    return save_tiny(tmp_path_factory.mktemp("lm"), "lm")
 
 
 def two_process_config(tmp_path: Path, model: Path, method: str) -> Path:

@@ -12,8 +12,8 @@ from torch import nn
 
 import moela
 from moela import AllocationPlan, ModulePlan
-from moela.inject import adapter_state_dict
-from tests.conftest import ARCHITECTURES, TARGETS, batch, tiny_model
+from moela.adapter import adapter_state_dict
+from tests.helpers import ARCHITECTURES, TARGETS, batch, tiny_model
 
 
 def heterogeneous_plan(model, targets) -> AllocationPlan:
@@ -60,12 +60,14 @@ def test_zero_init_equals_base_then_round_trip(kind, tmp_path):
 def test_num_trainable_counts_requires_grad(kind):
     model = tiny_model(kind)
     plan = heterogeneous_plan(model, TARGETS[kind])
-    expected = plan.num_trainable(model)
+    head = sum(p.numel() for p in model.classifier.parameters()) if kind == "bert" else 0
+    expected = plan.num_trainable(model) + head
     moela.inject(model, plan)
     trainable, _ = moela.count_parameters(model)
-    assert trainable == expected
+    assert trainable == expected  # the classifier of a sequence classifier trains with the adapter by default
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert all(".lora_A." in n or ".lora_B." in n or ".router." in n for n in names)
+    assert all(".lora_A." in n or ".lora_B." in n or ".router." in n or n.startswith("classifier.") for n in names)
+    assert model.moela_config.modules_to_save == (["classifier"] if kind == "bert" else [])
 
 
 def test_num_trainable_formula_by_hand():
@@ -125,7 +127,7 @@ def test_failed_save_keeps_previous_adapter(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(sys.modules["moela.inject"], "save_file", broken)
+    monkeypatch.setattr(sys.modules["moela.adapter"], "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         moela.save_adapter(model, tmp_path / "a")
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == before

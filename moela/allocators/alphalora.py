@@ -55,7 +55,7 @@ def matrix_alpha(weight: torch.Tensor, bins: int = 100) -> float:
     return hill_alpha(torch.linalg.eigvalsh(gram).cpu().numpy(), bins)
 
 
-@register("alphalora")
+@register("alphalora", needs_weights=True)
 def alphalora(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None, seed: int = 0,
               total: int | None = None, beta: float = 2.5, rank: int = 8, top_k: int = 2, bins: int = 100
               ) -> AllocationPlan:

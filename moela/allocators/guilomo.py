@@ -18,12 +18,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..inject import balance_loss
+from ..model import balance_loss
 from ..layer import LoraMoELinear, RouterStats
 from ..plan import AllocationPlan, ModulePlan, find_targets
-from . import process_group, register
+from ..distributed import process_group
+from . import register
 from .budget import apportion, finish, fit, parse_budget, routed, target_dims
-from .data import Cost, holdout, pad_id, prepare, size
+from .probe import Cost, holdout, pad_id, size, to_device
 
 RANK_OFF = 1e-4  # scale of the rank rows beyond the selected prefix
 
@@ -166,7 +167,7 @@ def search(model: nn.Module, names: list[str], train: list[dict], val: list[dict
         outer = torch.optim.AdamW(arch, lr=gsv_lr, betas=(0.5, 0.999), weight_decay=0.0)
 
         def loss_on(batch: dict, coef: float) -> Callable[[], torch.Tensor]:
-            inputs, _ = prepare(batch, device)
+            inputs, _ = to_device(batch, device)
 
             def loss() -> torch.Tensor:
                 out = model(**inputs).loss
@@ -199,7 +200,7 @@ def search(model: nn.Module, names: list[str], train: list[dict], val: list[dict
     return layers
 
 
-@register("guilomo")
+@register("guilomo", needs_data=True, needs_weights=True)
 def guilomo(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None, seed: int = 0,
             experts: int = 8, rank: int = 8, min_experts: int = 2, top_k: int = 2, alpha: float = 16.0,
             lr: float = 1e-3, gsv_lr: float = 3e-3, epochs: float = 1.0, max_steps: int = 300,

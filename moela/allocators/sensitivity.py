@@ -18,9 +18,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..plan import AllocationPlan, find_targets, module_type
-from . import process_group, register
+from ..distributed import process_group
+from . import register
 from .budget import TOLERANCE, apportion, finish, fit, parse_budget, plan_cost, routed, target_dims, warn_if_missed
-from .data import Cost, batches, pad_id, prepare
+from .probe import Cost, batches, pad_id, to_device
 
 
 def squared_grad_norm(x: torch.Tensor, g: torch.Tensor) -> float:
@@ -60,7 +61,7 @@ def probe(model: nn.Module, names: list[str], probe_batches: list[dict[str, torc
         for name in names:
             handles.append(model.get_submodule(name).register_forward_hook(watch(name)))
         for batch in tqdm(probe_batches, desc="sensitivity probe", leave=False):
-            inputs, task = prepare(batch, device)
+            inputs, task = to_device(batch, device)
             groups = [(0, None)] if task is None else [(int(t), task == t) for t in torch.unique(task)]
             for t, rows in groups:
                 current["task"] = t
@@ -120,7 +121,7 @@ def per_type_share(scores: dict[str, float]) -> dict[str, float]:
     return {n: s / totals[module_type(n)] if totals[module_type(n)] > 0 else 0.0 for n, s in scores.items()}
 
 
-@register("sensitivity", every_target=False)
+@register("sensitivity", needs_data=True, needs_weights=True, every_target=False)
 def sensitivity(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None,
                 seed: int = 0, mode: str = "auto", p: float = 60.0, experts: int = 4, max_experts: int = 8,
                 rank: int = 8, top_k: int = 2, examples: int = 256, batch_size: int = 1) -> AllocationPlan:
