@@ -1,7 +1,5 @@
 """moela: fine-tune pretrained transformers with a mixture of LoRA experts allocated per layer."""
 
-__version__ = "0.1.0"
-
 from .adapter import load_adapter, save_adapter
 from .allocators import allocate, allocator, available, register
 from .config import MoelaConfig
@@ -11,6 +9,7 @@ from .model import (balance_loss, count_parameters, disable_adapters, get_moela_
 from .pipeline import compare, run
 from .plan import AllocationPlan, ModulePlan, find_targets
 from .settings import Settings, load_settings
+from .version import __version__
 
 __all__ = ["AllocationPlan", "LoraMoELinear", "ModulePlan", "MoelaConfig", "Settings", "__version__", "allocate",
            "allocator", "available", "balance_loss", "compare", "count_parameters", "disable_adapters",

@@ -10,6 +10,7 @@ from typing import Any
 from .io import atomic_write_text
 from .layer import SCALINGS
 from .plan import AllocationPlan
+from .version import __version__
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -50,8 +51,6 @@ class MoelaConfig:
             raise ValueError(f"task_type must be one of {TASK_TYPES}, got {self.task_type!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        from . import __version__
-
         return {"adapter_type": "moela", "moela_version": __version__, "alpha": self.alpha,
                 "dropout": self.dropout, "scaling": self.scaling,
                 "base_model_name_or_path": self.base_model_name_or_path, "revision": self.revision,

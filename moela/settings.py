@@ -328,6 +328,7 @@ def reference(markdown: bool = False) -> str:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             kind = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            kind = kind.replace(" | None", " or null").replace("Any", "any")
             yield f"{prefix}{f.name}", kind, default, f.metadata.get("help", "")
 
     everything = list(rows(Settings, "")) + [r for name, section in SECTIONS.items() for r in rows(section, name + ".")]

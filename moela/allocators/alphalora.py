@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..plan import AllocationPlan, find_targets, layer_index
-from . import register
+from .registry import register
 from .budget import apportion, finish, fit, parse_budget, routed, target_dims
 
 

@@ -22,7 +22,7 @@ from ..model import balance_loss
 from ..layer import LoraMoELinear, RouterStats
 from ..plan import AllocationPlan, ModulePlan, find_targets
 from ..distributed import process_group
-from . import register
+from .registry import register
 from .budget import apportion, finish, fit, parse_budget, routed, target_dims
 from .probe import Cost, holdout, pad_id, size, to_device
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..plan import AllocationPlan, find_targets, module_type
 from ..distributed import process_group
-from . import register
+from .registry import register
 from .budget import TOLERANCE, apportion, finish, fit, parse_budget, plan_cost, routed, target_dims, warn_if_missed
 from .probe import Cost, batches, pad_id, to_device
 

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from ..plan import AllocationPlan, find_targets
-from . import register
+from .registry import register
 from .budget import TOLERANCE, finish, parse_budget, plan_cost, routed, target_dims, warn_if_missed
 
 
