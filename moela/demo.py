@@ -81,18 +81,6 @@ def minilm_folder() -> Path:
     return folder
 
 
-def default_methods() -> list[str]:
-    """lora, uniform, one static (hilo, else mola) and one data-driven (sensitivity, else guilomo) allocator,
-    as far as they are registered."""
-    from .allocators import available
-
-    have = available()
-    chosen = [m for m in ("lora", "uniform") if m in have]
-    chosen += [m for m in ("hilo", "mola") if m in have][:1]
-    chosen += [m for m in ("sensitivity", "guilomo") if m in have][:1]
-    return chosen
-
-
 def default_config() -> dict[str, Any]:
     """The config of ``moela run`` with no config file."""
     return {
@@ -100,7 +88,7 @@ def default_config() -> dict[str, Any]:
         "model": {"name_or_path": str(minilm_folder()), "task": "sequence_classification", "num_labels": 2},
         "data": {"train": {"path": SOURCE, "split": "train"}, "eval": {"path": SOURCE, "split": "test"},
                  "cutoff_len": 48},
-        "adapter": {"method": default_methods(), "targets": "all-linear", "budget": "uniform:E=4,r=4",
+        "adapter": {"method": ["lora", "uniform", "hilo", "sensitivity"], "targets": "all-linear", "budget": "uniform:E=4,r=4",
                     "alloc_samples": 96, "options": {"sensitivity": {"examples": 96}}, "alpha": 16.0,
                     "dropout": 0.0},
         "train": {"epochs": 2, "batch_size": 16, "lr": 2e-3, "warmup_ratio": 0.06, "logging_steps": 10, "seed": 0},

@@ -37,6 +37,12 @@ class ModulePlan:
         if self.top_k is None and isinstance(self.ranks, list) and _is_int(self.num_null):
             self.top_k = min(2, len(self.ranks) + self.num_null)
 
+    @classmethod
+    def capped(cls, ranks: list[int], top_k: int = 2, **routing: Any) -> "ModulePlan":
+        """A module plan with ``top_k`` capped by its number of experts, null ones included (top-1 for a single
+        expert): the one place where routing is defaulted or clamped."""
+        return cls(list(ranks), top_k=min(top_k, len(ranks) + routing.get("num_null", 0)), **routing)
+
     @property
     def num_experts(self) -> int:
         return len(self.ranks)
@@ -136,8 +142,7 @@ class AllocationPlan:
     def uniform(cls, model: nn.Module, targets: str | Iterable[str], experts: int = 4, rank: int = 8,
                 top_k: int = 2, **routing: Any) -> "AllocationPlan":
         """Every target module gets ``experts`` experts of rank ``rank`` (``experts=1``: plain LoRA)."""
-        modules = {name: ModulePlan([rank] * experts, top_k=min(top_k, experts) if not routing.get("num_null")
-                                    else top_k, **routing) for name in find_targets(model, targets)}
+        modules = {name: ModulePlan.capped([rank] * experts, top_k, **routing) for name in find_targets(model, targets)}
         return cls(modules, {"method": "uniform" if experts > 1 else "lora",
                              "options": {"experts": experts, "rank": rank, "top_k": top_k, **routing}})
 
