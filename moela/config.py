@@ -16,6 +16,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 HEAD_NAME = "head.safetensors"
 TASK_TYPES = ("causal_lm", "sequence_classification", "multiple_choice")
+BALANCE_REDUCTIONS = ("sum", "mean")
 
 
 @dataclass
@@ -40,6 +41,12 @@ class MoelaConfig:
     """Classifier output size of a sequence-classification base."""
     modules_to_save: list[str] = field(default_factory=list)
     """Base modules trained with the adapter (e.g. the classifier head), saved in ``head.safetensors``."""
+    balance_coef: float = 1e-3
+    """Coefficient of the routers' load-balancing loss, added to their gradients in backward by the layers
+    themselves, whatever computes the task loss (0: off)."""
+    balance_reduction: str = "sum"
+    """``sum`` over routed modules (as MoLA and GuiLoMo: each router gets ``balance_coef``) or ``mean``
+    (each gets ``balance_coef / n_routed``)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -47,6 +54,10 @@ class MoelaConfig:
             raise ValueError(f"scaling must be one of {SCALINGS}, got {self.scaling!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.balance_reduction not in BALANCE_REDUCTIONS:
+            raise ValueError(f"balance_reduction must be one of {BALANCE_REDUCTIONS}, got {self.balance_reduction!r}")
+        if not float(self.balance_coef) >= 0:
+            raise ValueError(f"balance_coef must be >= 0, got {self.balance_coef!r}")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ValueError(f"task_type must be one of {TASK_TYPES}, got {self.task_type!r}")
 
@@ -55,7 +66,8 @@ class MoelaConfig:
                 "dropout": self.dropout, "scaling": self.scaling,
                 "base_model_name_or_path": self.base_model_name_or_path, "revision": self.revision,
                 "task_type": self.task_type, "num_labels": self.num_labels,
-                "modules_to_save": list(self.modules_to_save), "extra": self.extra, "plan": self.plan.to_dict()}
+                "modules_to_save": list(self.modules_to_save), "balance_coef": self.balance_coef,
+                "balance_reduction": self.balance_reduction, "extra": self.extra, "plan": self.plan.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MoelaConfig":
@@ -65,7 +77,9 @@ class MoelaConfig:
                    dropout=float(data.get("dropout", 0.0)), scaling=data.get("scaling", "lora"),
                    base_model_name_or_path=data.get("base_model_name_or_path"), revision=data.get("revision"),
                    task_type=data.get("task_type"), num_labels=data.get("num_labels"),
-                   modules_to_save=list(data.get("modules_to_save") or []), extra=dict(data.get("extra") or {}))
+                   modules_to_save=list(data.get("modules_to_save") or []),
+                   balance_coef=float(data.get("balance_coef", 1e-3)),
+                   balance_reduction=data.get("balance_reduction", "sum"), extra=dict(data.get("extra") or {}))
 
     def save(self, directory: str | Path) -> None:
         atomic_write_text(Path(directory) / CONFIG_NAME, json.dumps(self.to_dict(), indent=1) + "\n")

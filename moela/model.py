@@ -22,13 +22,18 @@ CLASSIFIER_HEADS = ("classifier", "score")
 
 def inject(model: nn.Module, plan: AllocationPlan | MoelaConfig, alpha: float = 16.0, dropout: float = 0.0,
            scaling: str = "lora", adapter_dtype: torch.dtype | None = None,
-           modules_to_save: Sequence[str] | None = None) -> nn.Module:
+           modules_to_save: Sequence[str] | None = None, balance_coef: float = 1e-3,
+           balance_reduction: str = "sum") -> nn.Module:
     """Wrap every module of ``plan`` in a :class:`LoraMoELinear`, in place; freeze all other parameters except
     those of ``modules_to_save``.
 
-    ``plan`` may be a :class:`MoelaConfig`, whose alpha/dropout/scaling/modules_to_save then apply.
+    ``plan`` may be a :class:`MoelaConfig`, whose settings then apply instead of the arguments.
     ``modules_to_save``: base modules trained and saved with the adapter (names or path suffixes); default: the
     classifier head of a sequence-classification or multiple-choice model (:func:`default_modules_to_save`).
+    ``balance_coef``: the routers' load-balancing loss (METHODS.md §2.4) is added to their gradients in
+    backward by each routed layer in training mode — with the transformers Trainer, TRL, Accelerate or a plain
+    loop alike, nothing else to add — with this coefficient per module (``balance_reduction="sum"``, as MoLA
+    and GuiLoMo) or divided by the number of routed modules (``"mean"``); 0 turns it off.
     Returns ``model``, with the config at ``model.moela_config``. Raises ValueError naming a module the plan
     cannot apply to.
     """
@@ -37,7 +42,8 @@ def inject(model: nn.Module, plan: AllocationPlan | MoelaConfig, alpha: float = 
     if isinstance(plan, MoelaConfig):
         config = plan
     else:
-        config = MoelaConfig(plan, alpha, dropout, scaling)
+        config = MoelaConfig(plan, alpha, dropout, scaling, balance_coef=balance_coef,
+                             balance_reduction=balance_reduction)
         config.modules_to_save = list(modules_to_save) if modules_to_save is not None else \
             default_modules_to_save(model)
     config.plan.validate(model)
@@ -50,6 +56,9 @@ def inject(model: nn.Module, plan: AllocationPlan | MoelaConfig, alpha: float = 
     if config.task_type == "sequence_classification":
         config.num_labels = config.num_labels or getattr(settings, "num_labels", None)
     config.modules_to_save = head
+    object.__setattr__(model, "_moela_base_state", {  # what unload() puts back
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "head": {n: t.detach().clone() for n, t in model.state_dict().items() if any(n.startswith(h + ".") for h in head)}})
     model.requires_grad_(False)
     for name in head:
         model.get_submodule(name).requires_grad_(True)
@@ -60,8 +69,52 @@ def inject(model: nn.Module, plan: AllocationPlan | MoelaConfig, alpha: float = 
                               adapter_dtype=adapter_dtype)
         model.set_submodule(name, layer)
     model.moela_config = config
-    model.register_forward_pre_hook(_capture_attention_mask, with_kwargs=True)
+    object.__setattr__(model, "_moela_layers", [layer for _, layer in moela_layers(model)])  # not submodules
+    set_balance_coef(model, config.balance_coef)
+    object.__setattr__(model, "_moela_hook", model.register_forward_pre_hook(_capture_attention_mask, with_kwargs=True))
     return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """The base model exactly back, in place: every LoRA-MoE layer replaced by the module it wrapped, the head
+    (``modules_to_save``) and every ``requires_grad`` flag as they were before :func:`inject`."""
+    base = model._moela_base_state
+    for name, layer in list(moela_layers(model)):
+        model.set_submodule(name, layer.base_layer)
+    model.load_state_dict(base["head"], strict=False)
+    for name, param in model.named_parameters():
+        param.requires_grad_(base["requires_grad"].get(name, param.requires_grad))
+    model._moela_hook.remove()
+    for attr in ("moela_config", "_moela_layers", "_moela_hook", "_moela_base_state", _MASK_ATTR):
+        if hasattr(model, attr):
+            object.__delattr__(model, attr)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """The base model with each adapter folded into its weight, ``W ← W + s · B A`` (and the trained head kept),
+    in place. Only plain-LoRA modules (one expert, no router) can be merged: a routed module's update depends on
+    the input, so a ValueError names the first one."""
+    for name, layer in moela_layers(model):
+        if layer.routed:
+            raise ValueError(f"module {name!r} has {layer.num_experts} experts with a router: its update depends on "
+                             "each token, so it cannot be merged into the weight (use unload() or keep the adapter)")
+    with torch.no_grad():
+        for _, layer in moela_layers(model):
+            weight = layer.base_layer.weight
+            delta = float(layer.column_scale[0]) * (layer.lora_B.weight.float() @ layer.lora_A.weight.float())
+            weight.add_((delta if isinstance(layer.base_layer, nn.Linear) else delta.T).to(weight.dtype))
+    model._moela_base_state["head"] = {}  # the trained head stays
+    return unload(model)
+
+
+def set_balance_coef(model: nn.Module, coef: float) -> None:
+    """Set the load-balancing coefficient of every routed layer (per the config's reduction; 0: off)."""
+    config = model.moela_config
+    routed = [layer for _, layer in moela_layers(model) if layer.routed]
+    config.balance_coef = float(coef)
+    for layer in routed:
+        layer.balance_coef = config.balance_coef / (len(routed) if config.balance_reduction == "mean" else 1)
 
 
 def located(name_or_path: str | None) -> str | None:
@@ -95,11 +148,6 @@ def resolve_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
     return found
 
 
-def get_moela_model(model: nn.Module, config: MoelaConfig) -> nn.Module:
-    """PEFT-style alias of :func:`inject` taking a :class:`MoelaConfig`."""
-    return inject(model, config)
-
-
 def moela_layers(model: nn.Module) -> Iterator[tuple[str, LoraMoELinear]]:
     """``(path, layer)`` for every LoRA-MoE layer of ``model``."""
     for name, module in model.named_modules():
@@ -108,6 +156,8 @@ def moela_layers(model: nn.Module) -> Iterator[tuple[str, LoraMoELinear]]:
 
 
 def _capture_attention_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: the batch's attention mask (2-D, or 3-D for multiple choice) goes to every layer as its
+    ``token_mask``, so the balance loss counts real tokens only."""
     mask = kwargs.get("attention_mask")
     if mask is None and args:
         try:
@@ -115,14 +165,25 @@ def _capture_attention_mask(module: nn.Module, args: tuple, kwargs: dict) -> Non
             mask = bound.arguments.get("attention_mask")
         except TypeError:
             mask = None
-    object.__setattr__(module, _MASK_ATTR, mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
+    mask = mask if isinstance(mask, torch.Tensor) and mask.dim() in (2, 3) else None
+    object.__setattr__(module, _MASK_ATTR, mask)
+    for layer in module._moela_layers:
+        layer.token_mask = mask
+
+
+def _token_mask(mask: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor | None:
+    """``mask`` shaped as the router logits' token dimensions, or None when it does not fit them."""
+    if mask is None or mask.numel() != logits.shape[:-1].numel():
+        return None
+    return mask.reshape(logits.shape[:-1])
 
 
 def balance_loss(model: nn.Module, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean load-balancing loss (METHODS.md §2.4) of the routed layers over the last forward.
+    """The load-balancing loss (METHODS.md §2.4) of the routed layers over the last forward, summed or averaged
+    over modules as the adapter config says (``balance_reduction``), for logging or a loss of your own.
 
     Padding positions are ignored, using ``attention_mask`` or else the one passed to the model's forward.
-    Multiply by a coefficient (1e-3 in MoLA/GuiLoMo) before adding it to the task loss.
+    In training the layers already add ``balance_coef`` times it to the router gradients (:func:`inject`).
     """
     mask = attention_mask if attention_mask is not None else getattr(model, _MASK_ATTR, None)
     losses = []
@@ -130,13 +191,14 @@ def balance_loss(model: nn.Module, attention_mask: torch.Tensor | None = None) -
         stats = layer.last_stats
         if stats is None:
             continue
-        token_mask = mask if mask is not None and tuple(mask.shape) == tuple(stats.logits.shape[:-1]) else None
-        loss = layer.balance_loss(token_mask)
+        loss = layer.balance_loss(_token_mask(mask, stats.logits))
         if loss is not None:
             losses.append(loss)
     if not losses:
         return torch.zeros((), device=next(model.parameters()).device)
-    return torch.stack(losses).mean()
+    config = getattr(model, "moela_config", None)
+    reduce = torch.mean if config is not None and config.balance_reduction == "mean" else torch.sum
+    return reduce(torch.stack(losses))
 
 
 @contextlib.contextmanager
