@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         setattr(ns, positional, list(getattr(ns, positional)) + extra)
-    if not ns.debug:
+    if not ns.debug:  # moela's own warnings as one line each; third-party library noise hidden
         import warnings
 
         import transformers
@@ -195,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", module=r"moela(\.|$)")
+        warnings.showwarning = lambda message, *_, **__: print(f"moela: warning: {message}", file=sys.stderr)
     try:
         ns.func(ns)
     except KeyboardInterrupt:

@@ -30,7 +30,7 @@ from .model import default_modules_to_save, inject
 from .plan import AllocationPlan
 from .report import metrics_table, run_row, write_compare_report, write_run_report
 from .settings import DataSettings, Settings, load_settings
-from .train import train
+from .train import check_trainer_args, train
 
 
 # --- data -------------------------------------------------------------------------------------------------------
@@ -137,9 +137,11 @@ def make_plan(settings: Settings, model: nn.Module, prepared: Prepared | None, m
 
 
 def check_methods(settings: Settings) -> None:
-    """Every method is registered and every allocator option is one its method takes (before any work)."""
+    """What the settings file cannot check alone, before any work: every method is registered, every allocator
+    option is one its method takes, every ``train.trainer_args`` key is a TrainingArguments field."""
     for method in settings.methods:
         options_for(method, settings.adapter.options or {}, settings.methods)
+    check_trainer_args(settings.train.trainer_args)
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
@@ -213,7 +215,9 @@ def run(settings: Settings, *, overwrite: bool = False, resume: bool = False,
         head += [n.rsplit(".", 1)[0] for n in new_params if n.rsplit(".", 1)[0] not in head]
         # adapter weights stay float32 under a bf16/fp16 base (METHODS.md §2.1)
         inject(model, MoelaConfig(plan, alpha=adapter.alpha, dropout=adapter.dropout, scaling=adapter.scaling,
-                                  base_model_name_or_path=settings.model.name_or_path, modules_to_save=head),
+                                  base_model_name_or_path=settings.model.name_or_path, modules_to_save=head,
+                                  balance_coef=settings.train.balance_coef,
+                                  balance_reduction=settings.train.balance_reduction),
                adapter_dtype=torch.float32)
         checkpoints = run_dir / "checkpoints"
         latest = broadcast(transformers.trainer_utils.get_last_checkpoint(str(checkpoints))

@@ -92,7 +92,9 @@ class TrainSettings:
     weight_decay: float = setting(0.0, "AdamW weight decay", low=0)
     warmup_ratio: float = setting(0.03, "share of the steps spent warming up", low=0, high=1)
     scheduler: str = setting("linear", "learning-rate schedule (transformers' lr_scheduler_type)")
-    balance_coef: float = setting(1e-3, "coefficient of the load-balancing loss (0: off)", low=0)
+    balance_coef: float = setting(1e-3, "coefficient of the routers' load-balancing loss (0: off)", low=0)
+    balance_reduction: str = setting("sum", "balance loss over routed modules: sum (MoLA, GuiLoMo) or mean",
+                                     choices=("sum", "mean"))
     save_steps: int = setting(0, "checkpoint every this many steps (0: no checkpoints)", low=0)
     save_total_limit: int | None = setting(2, "checkpoints kept", low=1)
     logging_steps: int = setting(10, "log every this many steps", low=1)
@@ -101,6 +103,10 @@ class TrainSettings:
                              choices=("auto", "fp32", "bf16", "fp16"))
     gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
     progress: bool = setting(True, "show a progress bar")
+    report_to: Any = setting("none", "trackers the Trainer logs to: none, all, tensorboard, wandb, mlflow, … "
+                                     "(a name or a list; the tracker's package must be installed)")
+    trainer_args: dict = setting({}, "any other transformers TrainingArguments field, e.g. {max_grad_norm: 0.5, "
+                                     "logging_dir: tb}; checked against TrainingArguments before any work")
 
 
 @dataclass

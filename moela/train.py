@@ -14,6 +14,7 @@ from the gathered full state dict.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -128,6 +129,24 @@ class MoelaTrainer(transformers.Trainer):
         copy_adapter(self.accelerator.unwrap_model(model or self.model), adapter)
 
 
+# TrainingArguments that moela sets from its own settings (or needs as they are): not for ``train.trainer_args``.
+OWN_ARGUMENTS = ("output_dir", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+                 "gradient_accumulation_steps", "learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps",
+                 "seed", "data_seed", "logging_steps", "save_strategy", "save_steps", "save_total_limit", "report_to",
+                 "bf16", "fp16", "remove_unused_columns", "disable_tqdm", "use_cpu")
+
+
+def check_trainer_args(extra: dict[str, Any]) -> None:
+    """ValueError naming the first key of ``train.trainer_args`` that is no TrainingArguments field, or one that
+    a moela setting already sets."""
+    fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    for key in extra:
+        if key in OWN_ARGUMENTS:
+            raise ValueError(f"train.trainer_args.{key}: set by moela itself; use the train.* setting instead")
+        if key not in fields:
+            raise ValueError(f"train.trainer_args.{key}: not a transformers TrainingArguments field")
+
+
 def training_arguments(cfg: TrainSettings, output_dir: str | Path, num_examples: int) -> transformers.TrainingArguments:
     """TrainingArguments from the ``train`` settings (warm-up given as a ratio of the total steps; a step takes
     ``batch_size · grad_accum`` examples on each process)."""
@@ -139,17 +158,18 @@ def training_arguments(cfg: TrainSettings, output_dir: str | Path, num_examples:
     fp16 = cfg.precision == "fp16"
     if (bf16 or fp16) and not cuda:
         raise ValueError(f"train.precision={cfg.precision!r} needs a GPU; use fp32 (or auto) on CPU")
-    checkpointing = {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}
-                     } if cfg.gradient_checkpointing else {}
+    check_trainer_args(cfg.trainer_args)
+    extra = {"dataloader_num_workers": 0, "ddp_find_unused_parameters": False, **cfg.trainer_args}
+    if cfg.gradient_checkpointing:
+        extra.update(activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False})
     return transformers.TrainingArguments(
         output_dir=str(output_dir), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr, weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.scheduler,
         warmup_steps=int(round(cfg.warmup_ratio * total)), optim="adamw_torch", seed=cfg.seed,
         data_seed=cfg.seed, logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
-        save_steps=cfg.save_steps or 500, save_total_limit=cfg.save_total_limit, report_to="none",
-        bf16=bf16, fp16=fp16, dataloader_num_workers=0, ddp_find_unused_parameters=False, **checkpointing,
-        remove_unused_columns=False, disable_tqdm=not cfg.progress, use_cpu=not cuda)
+        save_steps=cfg.save_steps or 500, save_total_limit=cfg.save_total_limit, report_to=cfg.report_to,
+        bf16=bf16, fp16=fp16, remove_unused_columns=False, disable_tqdm=not cfg.progress, use_cpu=not cuda, **extra)
 
 
 def train(model: nn.Module, features: Sequence[dict], pad_token_id: int, cfg: TrainSettings,

@@ -111,3 +111,47 @@ def test_trainer_checkpoints_hold_the_adapter_only_and_resume(tmp_path):
     trainer(resumed, tmp_path).train(resume_from_checkpoint=str(checkpoint))
     for (name, a), b in zip(wrapped.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def router_weights(model) -> torch.Tensor:
+    return torch.cat([layer.router.weight.detach().flatten() for _, layer in moela.moela_layers(model) if layer.routed])
+
+
+def trained_routers(make_trainer, coef: float) -> torch.Tensor:
+    model = tiny_model("llama")
+    wrapped = moela.get_moela_model(model, routed_plan(model), balance_coef=coef)
+    make_trainer(wrapped).train()
+    return router_weights(wrapped)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_plain_trainer_applies_the_balance_loss(tmp_path, bf16):
+    def make(model):
+        return trainer(model, tmp_path, max_steps=1, save_strategy="no", bf16=bf16, learning_rate=1e-1,
+                       lr_scheduler_type="constant")
+    with_balance, without = trained_routers(make, 10.0), trained_routers(make, 0.0)
+    assert not torch.allclose(with_balance, without), "the balance loss never reached the routers"
+
+
+def test_trl_sft_trainer_with_its_default_loss_applies_the_balance_loss(tmp_path):
+    trl = pytest.importorskip("trl", reason="TRL is in the dev extra")
+    texts = Dataset.from_dict({"input_ids": lm_dataset()["input_ids"]})
+
+    def make(model):
+        config = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=1, per_device_train_batch_size=4,
+                               learning_rate=1e-1, lr_scheduler_type="constant", report_to="none", use_cpu=True,
+                               save_strategy="no", disable_tqdm=True, max_length=16)
+        return trl.SFTTrainer(model=model, args=config, train_dataset=texts)
+    with_balance, without = trained_routers(make, 10.0), trained_routers(make, 0.0)
+    assert not torch.allclose(with_balance, without), "the balance loss never reached the routers"
+
+
+def test_plain_loop_under_autocast_applies_the_balance_loss():
+    def step(coef: float) -> torch.Tensor:
+        model = tiny_model("llama")
+        wrapped = moela.get_moela_model(model, routed_plan(model), balance_coef=coef).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = wrapped(**batch(), labels=batch()["input_ids"]).loss
+        loss.backward()
+        return torch.cat([layer.router.weight.grad.flatten() for _, layer in moela.moela_layers(wrapped)])
+    assert not torch.allclose(step(1.0), step(0.0))
