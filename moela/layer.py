@@ -45,6 +45,29 @@ class LoraMoELinear(nn.Module):
     (default), top-p capped at ``max_k`` (``top_p`` set), with ``num_null`` AdaMoE zero-output experts
     appended to the softmax. One expert (``E = 1``, no null experts) is plain LoRA with no router.
 
+    Load balancing (METHODS.md §2.4) is built in: with ``balance_coef > 0``, every training-mode forward of a
+    routed layer with gradients enabled attaches ``balance_coef · L_bal`` (:meth:`balance_loss` of that forward's
+    routing, over the tokens of ``token_mask``) to its output, so that backpropagating *any* loss computed from
+    the output gives the router the gradient of ``loss + balance_coef · L_bal`` — with the plain transformers
+    ``Trainer``, TRL's ``SFTTrainer`` or a hand-written loop alike (DeepSeek-MoE's ``AddAuxiliaryLoss``). The
+    output's value is unchanged. The auxiliary gradient is added once per backward through the output: under
+    gradient accumulation once per micro-batch, unscaled by the trainer's division of the loss by the number of
+    accumulation steps (the effective coefficient is ``balance_coef ×`` that number); under loss scaling
+    (fp16 ``GradScaler``) it is not multiplied by the scale, so after unscaling it is divided by it.
+
+    Attributes set from outside between forwards:
+        balance_coef: the coefficient of the built-in balance loss (0 = off, the default). The model's loss of
+            METHODS.md §2.4 (the mean over routed modules, times ``coef``) is ``balance_coef = coef / n`` on each
+            of the ``n`` routed layers.
+        token_mask: None, or a bool/int tensor, nonzero for real (non-padding) tokens, used by the built-in
+            balance loss when it has as many elements as the forward has tokens (reshaped to them); else ignored.
+        disabled: when True the layer computes as its base.
+
+    Attributes set by each forward (for logging and routing statistics):
+        last_stats: the routing of the last forward (:class:`RouterStats`), None without a router.
+        last_balance: the (detached, float32) ``L_bal`` attached by the last training-mode forward, or None if it
+            attached none (``balance_coef = 0``, no router, no gradient, or no real token).
+
     Args:
         base: the frozen ``nn.Linear`` or ``Conv1D``; it is kept as ``base_layer`` and not modified.
         ranks: the rank ``r_i ≥ 1`` of each expert.
@@ -55,11 +78,13 @@ class LoraMoELinear(nn.Module):
         max_k: cap on that set (default: all experts).
         num_null: AdaMoE null experts.
         adapter_dtype: dtype of the adapter weights (default: the base weight's dtype).
+        balance_coef: initial ``balance_coef``.
     """
 
     def __init__(self, base: nn.Module, ranks: list[int], top_k: int = 2, alpha: float = 16.0,
                  dropout: float = 0.0, scaling: str = "lora", top_p: float | None = None,
-                 max_k: int | None = None, num_null: int = 0, adapter_dtype: torch.dtype | None = None):
+                 max_k: int | None = None, num_null: int = 0, adapter_dtype: torch.dtype | None = None,
+                 balance_coef: float = 0.0):
         super().__init__()
         if not ranks or any(int(r) < 1 for r in ranks):
             raise ValueError(f"expert ranks must be a non-empty list of integers >= 1, got {ranks}")
@@ -77,7 +102,10 @@ class LoraMoELinear(nn.Module):
         self.alpha = float(alpha)
         self.scaling = scaling
         self.disabled = False
+        self.balance_coef = float(balance_coef)
+        self.token_mask: torch.Tensor | None = None
         self.last_stats: RouterStats | None = None
+        self.last_balance: torch.Tensor | None = None
 
         weight = base.weight
         factory = dict(device=weight.device, dtype=adapter_dtype or weight.dtype)
@@ -150,28 +178,47 @@ class LoraMoELinear(nn.Module):
         if self.disabled:
             return y
         x = self.dropout(x)
-        h = self.lora_A(x.to(self.lora_A.weight.dtype))
+        dtype = self.lora_A.weight.dtype
+        # Under autocast, lora_A casts for itself (to the autocast dtype); else the adapter reads its own dtype.
+        h = self.lora_A(x if x.dtype == dtype or torch.is_autocast_enabled(x.device.type) else x.to(dtype))
         h = h * self.column_gates(x).to(h.dtype)
-        return y + self.lora_B(h).to(y.dtype)
+        delta = self.lora_B(h).to(y.dtype)
+        aux = self._auxiliary_loss() if self.training else None
+        return y + delta if aux is None else _AddAuxiliaryLoss.apply(y, delta, aux)
+
+    def _auxiliary_loss(self) -> torch.Tensor | None:
+        """``balance_coef · L_bal`` of this forward (or None) to attach to the output; sets ``last_balance``."""
+        self.last_balance = None
+        if self.balance_coef <= 0 or self.last_stats is None or not torch.is_grad_enabled():
+            return None
+        mask = self.token_mask
+        if mask is not None and mask.numel() * self.num_slots != self.last_stats.logits.numel():
+            mask = None
+        loss = self.balance_loss(mask)
+        if loss is None:
+            return None
+        self.last_balance = loss.detach()
+        return self.balance_coef * loss
 
     def balance_loss(self, token_mask: torch.Tensor | None = None) -> torch.Tensor | None:
-        """``L_bal = (E+M) Σ_i f_i P_i`` over the last forward's tokens (``token_mask``: True for real tokens).
+        """``L_bal = (E+M) Σ_i f_i P_i`` over the last forward's tokens (``token_mask``: nonzero for real tokens,
+        as many elements as tokens), float32, in the autograd graph of the router.
 
         ``f_i`` is the fraction of routing slots given to expert i, ``P_i`` its mean router probability; null
         experts' ``f`` and ``P`` are replaced by their mean, so only total null usage is balanced (AdaMoE).
-        Returns None when the layer has no router or has not run.
+        Returns None when the layer has no router or has not run; 0 when ``token_mask`` keeps no token.
         """
         if self.last_stats is None:
             return None
         probs = self.last_stats.logits.softmax(-1).flatten(0, -2)
         chosen = self.last_stats.selected.flatten(0, -2).to(probs.dtype)
-        if token_mask is not None:
-            keep = token_mask.reshape(-1).bool()
-            probs, chosen = probs[keep], chosen[keep]
-        if probs.shape[0] == 0:
-            return None
+        if token_mask is not None:  # weights rather than boolean indexing: no host-device synchronisation
+            keep = token_mask.reshape(-1, 1).to(probs.device).bool().to(probs.dtype)
+            probs, chosen = probs * keep, chosen * keep
+            p = probs.sum(0) / keep.sum().clamp_min(1.0)
+        else:
+            p = probs.mean(0)
         f = chosen.sum(0) / chosen.sum().clamp_min(1.0)
-        p = probs.mean(0)
         if self.num_null:
             f, p = _average_nulls(f, self.num_experts), _average_nulls(p, self.num_experts)
         return self.num_slots * (f * p).sum()
@@ -187,13 +234,37 @@ def _average_nulls(values: torch.Tensor, num_real: int) -> torch.Tensor:
     return torch.cat([values[:num_real], null.mean().expand_as(null)])
 
 
+class _AddAuxiliaryLoss(torch.autograd.Function):
+    """``y + delta``, whose backward also gives the scalar ``aux`` the gradient 1, as if ``aux`` had been added to
+    the loss (DeepSeek-MoE's ``AddAuxiliaryLoss``, fused with the layer's last add so that its output is a new
+    tensor, which later in-place operations may modify)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, delta: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.aux_dtype = aux.dtype
+        return y + delta
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_y, grad_delta, grad_aux = ctx.needs_input_grad
+        one = torch.ones((), dtype=ctx.aux_dtype, device=grad.device) if grad_aux else None
+        return grad if grad_y else None, grad if grad_delta else None, one
+
+
 class Router(nn.Linear):
-    """The linear router ``G``: reads lower-precision inputs in its own (float32) precision.
+    """The linear router ``G``: computes in its own (float32) precision, whatever the input dtype and autocast.
 
     Always called as a module, so hook-based sharding (DeepSpeed ZeRO-3, FSDP) gathers its weight first.
+    Under ``torch.autocast`` it opts out of autocast, so the logits stay float32 (METHODS.md §2.1).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self._logits(x)
+        return self._logits(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x) if x.dtype == self.weight.dtype else _UpcastLinear.apply(x, self.weight)
 
 
@@ -201,7 +272,8 @@ class _UpcastLinear(torch.autograd.Function):
     """``x.to(W.dtype) @ Wᵀ`` that keeps ``x`` for backward in its own (lower) precision, not as a float32 copy.
 
     The router runs in float32 on bf16 activations; ``nn.Linear`` on the cast input would save one float32
-    copy of the hidden state per routed module. The gradients are those of the plain cast + linear.
+    copy of the hidden state per routed module. The gradients are those of the plain cast + linear, computed in
+    ``W``'s dtype whatever the incoming gradient's dtype and the autocast state of the backward pass.
     """
 
     @staticmethod
@@ -212,6 +284,8 @@ class _UpcastLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         x, weight = ctx.saved_tensors
-        grad_x = (grad @ weight).to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = grad.flatten(0, -2).T @ x.flatten(0, -2).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        with torch.autocast(grad.device.type, enabled=False):
+            grad = grad.to(weight.dtype)
+            grad_x = (grad @ weight).to(x.dtype) if ctx.needs_input_grad[0] else None
+            grad_w = grad.flatten(0, -2).T @ x.flatten(0, -2).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w

@@ -213,3 +213,78 @@ def test_invalid_layer_arguments():
         LoraMoELinear(nn.Linear(4, 4), [2], scaling="dora")
     with pytest.raises(TypeError, match="not a linear layer"):
         LoraMoELinear(nn.Embedding(4, 4), [2])
+
+
+BALANCED = {name: CASES[name] for name in ("heterogeneous top-2", "top-p", "null experts", "null experts top-p")}
+
+
+def balance_grads(layer, x, coef, explicit, token_mask=None, autocast=None):
+    """Gradients of ``(y · w).sum()`` (+ ``coef · L_bal`` added by hand when ``explicit``) w.r.t. the layer's
+    parameters and the input, and the output."""
+    x = x.detach().clone().requires_grad_()
+    layer.balance_coef = 0.0 if explicit else coef
+    layer.token_mask = token_mask
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        y = layer(x)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    loss = (y.double() * w).sum()
+    if explicit:
+        loss = loss + coef * layer.balance_loss(token_mask)
+    loss.backward()
+    named = {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}
+    named["input"] = x.grad
+    layer.zero_grad(set_to_none=True)
+    return named, y.detach()
+
+
+@pytest.mark.parametrize("case", BALANCED, ids=list(BALANCED))
+def test_built_in_balance_loss_adds_its_gradient_to_the_router(case):
+    layer = make_layer(**BALANCED[case]).train()
+    x = torch.randn(3, 5, D_IN, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    for token_mask, expected_mask in ((None, None), (mask, mask), (mask.bool().reshape(15), mask),
+                                      (mask[:, :4], None)):  # a mask of another size is ignored
+        expected, y_expected = balance_grads(layer, x, 0.5, explicit=True, token_mask=expected_mask)
+        built_in, y = balance_grads(layer, x, 0.5, explicit=False, token_mask=token_mask)
+        torch.testing.assert_close(y, y_expected, rtol=0, atol=0)
+        assert set(built_in) == set(expected)
+        for name in expected:
+            assert_close(built_in[name], expected[name], msg=name)
+        torch.testing.assert_close(layer.last_balance, layer.balance_loss(expected_mask).detach())
+    plain, _ = balance_grads(layer, x, 0.0, explicit=False)
+    assert layer.last_balance is None
+    assert not torch.allclose(plain["router.weight"], built_in["router.weight"])
+    for name in ("lora_A.weight", "lora_B.weight"):
+        assert_close(plain[name], built_in[name], msg=name)
+
+
+def test_balance_coef_zero_eval_and_no_grad_add_nothing():
+    layer = make_layer(**CASES["heterogeneous top-2"]).train()
+    x = inputs()
+    plain, y = balance_grads(layer, x, 0.0, explicit=False)
+    assert layer.last_balance is None
+    reference, _ = balance_grads(layer.eval(), x, 0.0, explicit=True)  # the eval-mode layer computes the same
+    for name in plain:
+        torch.testing.assert_close(plain[name], reference[name], rtol=0, atol=0)
+    evaluated, y_eval = balance_grads(layer.eval(), x, 0.5, explicit=False)
+    assert layer.last_balance is None
+    for name in plain:
+        torch.testing.assert_close(evaluated[name], plain[name], rtol=0, atol=0)
+    layer.train()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+    assert layer.last_balance is None
+
+
+def test_built_in_balance_loss_output_allows_in_place_ops_and_skips_frozen_router():
+    layer = make_layer(**CASES["top-p"]).train()
+    layer.balance_coef = 0.1
+    x = inputs()
+    y = layer(x)
+    y.mul_(2)  # a later in-place op (activation, residual) must not break the custom backward
+    y.sum().backward()
+    assert layer.router.weight.grad is not None
+    layer.zero_grad()
+    layer.router.requires_grad_(False)
+    layer(x).sum().backward()
+    assert layer.router.weight.grad is None and layer.lora_A.weight.grad is not None
