@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import transformers
 from torch import nn
@@ -60,6 +62,9 @@ def load_model(name_or_path: str, task: str, *, num_labels: int | None = None, d
                meta: bool = False, revision: str | None = None) -> tuple[nn.Module, list[str]]:
     """(model, names of newly initialised parameters). ``meta``: built from the config on the meta device,
     no weights read (for ``--dry-run``)."""
+    if (Path(name_or_path).is_absolute() or name_or_path.startswith((".", "~"))) and not Path(name_or_path).exists():
+        raise ValueError(f"base model {name_or_path}: no such folder (moved or deleted? give its new location, e.g. "
+                         "model.name_or_path=... or MoelaModel.from_pretrained(base, adapter))")
     auto = getattr(transformers, _AUTO_CLASSES[task])
     extra = {"num_labels": num_labels} if task == "sequence_classification" and num_labels else {}
     if revision:

@@ -30,8 +30,9 @@ EXTRA_STATE = "_extra_state"
 
 
 class MoelaModel(nn.Module):
-    """``model`` with the LoRA-MoE layers of ``config`` injected (:func:`moela.inject`); every attribute of the
-    wrapped model is reachable through the wrapper (``config``, ``generate``, ``device`` …)."""
+    """``model`` with the LoRA-MoE layers of ``config`` injected (:func:`moela.inject`), held as ``wrapped``;
+    every attribute of the wrapped model is reachable through the wrapper (``config``, ``generate``, ``device``,
+    transformers' ``base_model`` backbone …)."""
 
     def __init__(self, model: nn.Module, config: MoelaConfig | None = None, **inject_options: Any):
         super().__init__()
@@ -39,27 +40,31 @@ class MoelaModel(nn.Module):
             inject(model, config, **inject_options)
         elif not hasattr(model, "moela_config"):
             raise ValueError("MoelaModel needs a MoelaConfig, or a model that moela.inject already adapted")
-        self.base_model = model
+        self.wrapped = model
         # forward with the base model's signature: the Trainer picks dataset columns and loss arguments from it
-        self.forward = functools.wraps(model.forward)(lambda *args, **kwargs: self.base_model(*args, **kwargs))
+        self.forward = functools.wraps(model.forward)(lambda *args, **kwargs: self.wrapped(*args, **kwargs))
         self.register_state_dict_post_hook(_adapter_only)
         self.register_load_state_dict_post_hook(_base_keys_are_not_missing)
 
     # --- the wrapped model -----------------------------------------------------------------------------------
     @property
     def moela_config(self) -> MoelaConfig:
-        return self.base_model.moela_config
+        return self.wrapped.moela_config
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model (with its LoRA-MoE layers), as PEFT's ``get_base_model``."""
+        return self.wrapped
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)
+        return self.wrapped.generate(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":
+            if name == "wrapped":
                 raise
-            return getattr(self.base_model, name)
+            return getattr(self.wrapped, name)
 
     # --- state: adapter, head and config only ----------------------------------------------------------------------
     def get_extra_state(self) -> torch.Tensor:
@@ -80,8 +85,8 @@ class MoelaModel(nn.Module):
         into ``save_directory``, replacing an earlier adapter there atomically; nothing of the base model."""
         if not is_main_process:
             return
-        inner = None if state_dict is None else {k.removeprefix("base_model."): v for k, v in state_dict.items()}
-        save_adapter(self.base_model, save_directory, inner)
+        inner = None if state_dict is None else {k.removeprefix("wrapped."): v for k, v in state_dict.items()}
+        save_adapter(self.wrapped, save_directory, inner)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | Path, is_trainable: bool = False,
@@ -126,16 +131,16 @@ class MoelaModel(nn.Module):
     def merge_and_unload(self) -> nn.Module:
         """The base model with the adapter folded into its weights (plain-LoRA plans only; the first routed
         module is named otherwise) and the trained head kept."""
-        return merge_and_unload(self.base_model)
+        return merge_and_unload(self.wrapped)
 
     def unload(self) -> nn.Module:
         """The base model exactly as it was before the adapter was injected."""
-        return unload(self.base_model)
+        return unload(self.wrapped)
 
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator["MoelaModel"]:
         """Within the block the model computes as its base."""
-        with disable_adapters(self.base_model):
+        with disable_adapters(self.wrapped):
             yield self
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -160,7 +165,7 @@ def config_from_bytes(state: torch.Tensor) -> MoelaConfig:
 
 
 def _is_adapter_or_head(wrapped: MoelaModel, name: str) -> bool:
-    inner = name.removeprefix("base_model.")
+    inner = name.removeprefix("wrapped.")
     return any(f".{part}." in f".{inner}" for part in ("lora_A", "lora_B", "router")) or any(
         inner.startswith(m + ".") for m in wrapped.moela_config.modules_to_save)
 

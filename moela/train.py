@@ -1,7 +1,7 @@
 """Training an adapter with the transformers ``Trainer``.
 
-The loss is ``L_task + coef · balance_loss(model)`` (METHODS.md §2.4). Checkpoints hold the adapter (plus the
-trainable head of an encoder) instead of the full model, together with the Trainer's optimizer, scheduler,
+The routers' balance loss (METHODS.md §2.4) is added to their gradients by the layers themselves. Checkpoints
+hold the adapter (plus the trained head of an encoder) instead of the full model, with the Trainer's optimizer, scheduler,
 RNG and trainer state, so ``resume`` continues exactly where an interrupted run stopped. A checkpoint is
 written into ``output_dir/.staging`` and renamed into place once every process has written its part and the
 files are on disk, so a run killed at any point leaves only complete checkpoints. A non-finite loss stops
@@ -31,7 +31,7 @@ from .adapter import copy_adapter, save_adapter
 from .data import Collator
 from .distributed import process_state
 from .io import fsync_tree, replace_dir
-from .model import balance_loss, moela_layers
+from .model import moela_layers
 from .settings import TrainSettings
 
 class BalanceProgress(ProgressCallback):
@@ -44,26 +44,27 @@ class BalanceProgress(ProgressCallback):
 
 
 class MoelaTrainer(transformers.Trainer):
-    """``Trainer`` whose loss adds ``balance_coef · balance_loss(model)``, whose checkpoints hold the adapter
-    and trained head only and appear whole or not at all, and which stops on a non-finite loss."""
+    """``Trainer`` that logs the balance loss (which the routed layers add to their gradients themselves), whose
+    checkpoints hold the adapter and trained head only and appear whole or not at all, and which stops on a
+    non-finite loss. With gradient accumulation each layer's coefficient is divided by the number of
+    micro-batches, so the balance loss weighs against the task loss as without accumulation."""
 
-    def __init__(self, *args, balance_coef: float = 1e-3, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.balance_coef = balance_coef
         self._balance_sum, self._balance_count = 0.0, 0
         self._staging: str | None = None
-        self.routed = any(layer.routed for _, layer in moela_layers(self.model))
+        self.layers = [layer for _, layer in moela_layers(self.model) if layer.routed]
+        for layer in self.layers:
+            layer.balance_coef /= self.args.gradient_accumulation_steps
+        self.reduce = sum if self.model.moela_config.balance_reduction == "sum" else \
+            (lambda values: sum(values) / len(values))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if self.routed:
-            balance = balance_loss(self.accelerator.unwrap_model(model))
-            self._balance_sum += float(balance.detach())
+        values = [float(layer.last_balance) for layer in self.layers if layer.last_balance is not None]
+        if values:
+            self._balance_sum += self.reduce(values)
             self._balance_count += 1
-            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or \
-                self.compute_loss_func is not None
-            coef = self.balance_coef / (self.current_gradient_accumulation_steps if scaled else 1)
-            loss = loss + coef * balance
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -182,7 +183,7 @@ def train(model: nn.Module, features: Sequence[dict], pad_token_id: int, cfg: Tr
     across processes (then reload the saved adapter to use it)."""
     args = training_arguments(cfg, output_dir, len(features))
     trainer = MoelaTrainer(model=model, args=args, train_dataset=list(features),
-                           data_collator=Collator(pad_token_id, keep_task=False), balance_coef=cfg.balance_coef)
+                           data_collator=Collator(pad_token_id, keep_task=False))
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     if not args.disable_tqdm:

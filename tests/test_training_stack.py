@@ -10,7 +10,7 @@ from datasets import Dataset
 
 import moela
 from moela import AllocationPlan, MoelaModel
-from tests.helpers import batch, tiny_model
+from tests.helpers import batch, byte_tokenizer, tiny_model
 
 
 def lm_dataset(n: int = 16, length: int = 12) -> Dataset:
@@ -141,7 +141,7 @@ def test_trl_sft_trainer_with_its_default_loss_applies_the_balance_loss(tmp_path
         config = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=1, per_device_train_batch_size=4,
                                learning_rate=1e-1, lr_scheduler_type="constant", report_to="none", use_cpu=True,
                                save_strategy="no", disable_tqdm=True, max_length=16)
-        return trl.SFTTrainer(model=model, args=config, train_dataset=texts)
+        return trl.SFTTrainer(model=model, args=config, train_dataset=texts, processing_class=byte_tokenizer())
     with_balance, without = trained_routers(make, 10.0), trained_routers(make, 0.0)
     assert not torch.allclose(with_balance, without), "the balance loss never reached the routers"
 
