@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -105,15 +106,19 @@ def allocate(method: str, model: nn.Module, *, targets: Any = "all-linear", budg
     experts, top_k = options.get("experts"), options.get("top_k")
     if isinstance(experts, int) and isinstance(top_k, int) and top_k > experts:
         raise ValueError(f"{method}: top_k={top_k} is larger than the number of experts ({experts})")
-    plan = entry.fn(model, targets=targets, budget=budget, data=data, seed=seed, **options)
-    if budget is not None and entry.every_target:  # an allocator that only warned about an impossible budget
-        from ..plan import find_targets
-        from .budget import TOLERANCE, parse_budget, plan_cost, routed, target_dims
+    with warnings.catch_warnings(record=True) as caught:  # an impossible budget's error supersedes its warning
+        warnings.simplefilter("always")
+        plan = entry.fn(model, targets=targets, budget=budget, data=data, seed=seed, **options)
+        if budget is not None and entry.every_target:  # an allocator that only warned about an impossible budget
+            from ..plan import find_targets
+            from .budget import TOLERANCE, parse_budget, plan_cost, routed, target_dims
 
-        names = find_targets(model, targets)
-        minimum = plan_cost({n: routed([1], 1) for n in names}, target_dims(model, names))
-        if parse_budget(budget, model, targets) * (1 + TOLERANCE) < minimum:
-            raise ValueError(f"budget {budget} is below the minimum of {minimum:,} parameters for {method} (one "
-                             f"expert of rank 1 on each of the {len(names)} target modules)")
+            names = find_targets(model, targets)
+            minimum = plan_cost({n: routed([1], 1) for n in names}, target_dims(model, names))
+            if parse_budget(budget, model, targets) * (1 + TOLERANCE) < minimum:
+                raise ValueError(f"budget {budget} is below the minimum of {minimum:,} parameters for {method} "
+                                 f"(one expert of rank 1 on each of the {len(names)} target modules)")
+    for warning in caught:
+        warnings.warn(warning.message, warning.category, stacklevel=2)
     return plan
 
