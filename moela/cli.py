@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import traceback
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from . import pipeline
-from .settings import Settings, load_settings, reference
+if TYPE_CHECKING:  # the commands import the library when they run, so that `--help` and `plan show` are quick
+    from .settings import Settings
 
 
 def split_args(args: Sequence[str], overrides: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -26,6 +27,8 @@ def split_args(args: Sequence[str], overrides: Sequence[str]) -> tuple[str | Non
 
 
 def settings_from(ns) -> Settings:
+    from .settings import load_settings
+
     path, overrides = split_args(ns.args, ns.set or [])
     if ns.output_dir:
         overrides.append(f"output_dir={ns.output_dir}")
@@ -41,14 +44,28 @@ def print_plan(plan, model) -> None:
           f"({100 * trainable / sum(p.numel() for p in model.parameters()):.3f}% of the model)")
 
 
+def is_demo(ns) -> bool:
+    """``moela run`` with no config file (or ``--default``): the built-in demo."""
+    return getattr(ns, "default", False) or split_args(ns.args, [])[0] is None
+
+
 def cmd_run(ns) -> None:
+    from . import pipeline
+
     settings = settings_from(ns)
     if ns.dry_run:
-        for plan, model in pipeline.plan_only(settings, meta=True):
+        for plan, model in pipeline.plan_only(settings, meta=True, model_config=ns.model_config):
             print_plan(plan, model)
         return
     if len(settings.methods) > 1:
+        demo = None
+        if is_demo(ns):
+            from . import demo
+
+            print(demo.introduction(settings), flush=True)
         pipeline.compare(settings, overwrite=ns.overwrite, resume=ns.resume)
+        if demo is not None:
+            print(demo.next_steps(settings))
         return
     row = pipeline.run(settings, overwrite=ns.overwrite, resume=ns.resume)
     if row is not None:  # the main process
@@ -59,21 +76,28 @@ def cmd_run(ns) -> None:
 
 
 def cmd_compare(ns) -> None:
+    from . import pipeline
+
     settings = settings_from(ns)
     methods = [m.strip() for m in ns.methods.split(",")] if ns.methods else None
-    pipeline.compare(settings, methods, overwrite=ns.overwrite, resume=ns.resume)
+    seeds = [int(s) for s in ns.seeds.split(",")] if ns.seeds else None
+    pipeline.compare(settings, methods, overwrite=ns.overwrite, resume=ns.resume, seeds=seeds)
 
 
 def cmd_train(ns) -> None:
+    from . import pipeline
+
     row = pipeline.run(settings_from(ns), overwrite=ns.overwrite, resume=ns.resume, evaluate_after=False)
     if row is not None:
         print(f"adapter: {Path(row['run_dir']) / 'adapter'}")
 
 
 def cmd_allocate(ns) -> None:
+    from . import pipeline
+
     settings = settings_from(ns)
     for plan, model in pipeline.plan_only(settings.updated({"adapter": {"method": settings.methods[0]}}),
-                                          meta=ns.dry_run):
+                                          meta=ns.dry_run, model_config=ns.model_config):
         print_plan(plan, model)
         if ns.output:
             plan.save(ns.output)
@@ -81,6 +105,8 @@ def cmd_allocate(ns) -> None:
 
 
 def cmd_evaluate(ns) -> None:
+    from . import pipeline
+
     metrics = pipeline.evaluate_run(ns.run_dir, list(ns.overrides) + list(ns.set or []))
     print(json.dumps(metrics, indent=1))
     if ns.output:
@@ -90,23 +116,34 @@ def cmd_evaluate(ns) -> None:
 
 
 def cmd_plan_show(ns) -> None:
-    from .base_model import load_model, model_task
-    from .plan import AllocationPlan
-    from .report import plot_plan
+    from .report import show
 
-    path = Path(ns.path)
     model = None
-    if path.is_dir():
-        settings = load_settings(path / "config.yaml") if (path / "config.yaml").is_file() else None
-        path = path / "plan.json"
-        if settings and not ns.model:
-            ns.model = settings.model.name_or_path
-    plan = AllocationPlan.load(path)
-    if ns.model:
+    if ns.model:  # per-module parameters from a model built on the meta device (imports transformers)
+        from .base_model import load_model, model_task
+
+        quiet()
         model, _ = load_model(ns.model, model_task(ns.model), num_labels=2, meta=True)
-    print(plan.summary(model))
-    if ns.plot:
-        print(f"heatmap: {plot_plan(plan, ns.plot, model)}")
+    print(show(ns.path, model, ns.plot))
+
+
+def cmd_data(ns) -> None:
+    from . import prepare_data
+
+    out = Path(ns.out) if ns.out else (prepare_data.LLM_ADAPTERS_DIR if ns.dataset == "llm-adapters"
+                                       else prepare_data.SCIENCEQA_DIR)
+    print(f"{ns.dataset} → {out} (from {ns.source or 'the Hugging Face hub'})")
+    if ns.dataset == "llm-adapters":
+        tasks = ns.tasks.split(",") if ns.tasks else prepare_data.COMMONSENSE
+        manifest = prepare_data.llm_adapters(out, ns.source, tasks)
+        for name, why in manifest["missing"].items():
+            print(f"  missing {name}: {why}")
+        override = prepare_data.eval_override(out, manifest, tasks)
+        if override:
+            print(f"Some test sets are missing: evaluate on the others with\n  {override}")
+    else:
+        prepare_data.scienceqa(out, ns.source)
+    print(f"manifest: {out / 'MANIFEST.json'}")
 
 
 def cmd_export(ns) -> None:
@@ -118,63 +155,145 @@ def cmd_export(ns) -> None:
 
 
 OVERRIDE_HELP = ("config overrides key=value (YAML values), e.g. train.epochs=2 adapter.method=hilo "
-                 "'adapter.options={uniform: {experts: 2}}' data.max_train_samples=200")
+                 "'adapter.options={uniform: {experts: 2}}' data.max_train_samples=200; key=null resets a key")
+OVERRIDES = ("Every config value can be overridden: KEY=VALUE arguments or --set KEY=VALUE, with KEY a dotted path "
+             "(train.epochs=2) and VALUE read as YAML (null resets an optional key).")
+EXAMPLES = {
+    "moela": """
+  moela run                                   # the built-in demo: MiniLM, generated tasks, 4 allocators (~3 min, CPU)
+  moela run configs/stories260k-boolq.yaml    # a small real-data run; see configs/ for more
+  moela data llm-adapters --source DIR        # the data layout the Llama/Mistral configs expect
+  moela plan show runs/default                # what a run or a comparison allocated""",
+    "run": """
+  moela run                                   # the built-in demo (a comparison of lora, uniform, hilo, sensitivity)
+  moela run configs/stories260k-boolq.yaml train.epochs=2 adapter.method=hilo
+  moela run configs/llama2-7b-commonsense.yaml --dry-run --model-config llama-2-7b/config.json""",
+    "compare": """
+  moela compare configs/stories260k-boolq.yaml --methods lora,uniform,hilo
+  moela compare configs/minilm-sst2.yaml --methods lora,uniform --seeds 0,1,2   # mean ± sd over seeds""",
+    "train": """
+  moela train configs/minilm-sst2.yaml --output-dir runs/sst2 && moela evaluate runs/sst2""",
+    "allocate": """
+  moela allocate configs/stories260k-boolq.yaml adapter.method=hilo -o plan.json
+  moela allocate configs/mistral-7b-commonsense.yaml adapter.method=mola --dry-run --model-config mistral/config.json""",
+    "evaluate": """
+  moela evaluate runs/stories260k-boolq
+  moela evaluate runs/stories260k-boolq 'data.eval={path: ../shared/data/llm-adapters/boolq/test.json, limit: 128}'
+  moela evaluate runs/stories260k-boolq data.max_eval_samples=null eval.protocol=loglik""",
+    "plan": """
+  moela plan show runs/default""",
+    "show": """
+  moela plan show runs/default                       # a compare folder: its runs
+  moela plan show runs/default/hilo --plot hilo.png  # a run folder: its plan and parameters, and the heatmap
+  moela plan show plan.json --model Qwen/Qwen2.5-0.5B""",
+    "export": """
+  moela export --to peft runs/my-lora-run peft-adapter""",
+    "data": """
+  moela data llm-adapters                                        # from the Hugging Face hub (needs network)
+  moela data llm-adapters --source ../shared/data/llm-adapters   # offline, from a local copy
+  moela data scienceqa --source ../shared/data/scienceqa-sample""",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose epilog may be a function, called only when the help is shown (the settings
+    reference imports the library)."""
+
+    def format_help(self) -> str:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
+
+def _epilog(name: str, settings: bool = False):
+    def text() -> str:
+        out = "examples:" + EXAMPLES[name]
+        if settings:
+            from .settings import reference
+
+            out += "\n\n" + textwrap.fill(OVERRIDES + " " + reference(), 110)
+        return out
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moela", description="Fine-tune with a mixture of LoRA experts allocated per layer.",
-        epilog="Every config value can be overridden: KEY=VALUE arguments or --set KEY=VALUE, with KEY a dotted "
-               "path (train.epochs=2) and VALUE read as YAML. `moela run` with no config runs the built-in "
-               "offline default (MiniLM on a generated multi-task dataset, comparing allocators).")
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = Parser(prog="moela", description="Fine-tune with a mixture of LoRA experts allocated per layer.",
+                    epilog=_epilog("moela"), formatter_class=raw)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def command(name: str, help: str, parent=sub, **kwargs):
+        p = parent.add_parser(name, help=help, description=textwrap.fill(help, 100), formatter_class=raw, **kwargs)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return p
+
     def configured(name: str, help: str, run_flags: bool = True):
-        p = sub.add_parser(name, help=help, description=help, epilog=parser.epilog + " " + reference())
+        p = command(name, help, epilog=_epilog(name, settings=True))
         p.add_argument("args", nargs="*", metavar="CONFIG|KEY=VALUE", help="a YAML config, then " + OVERRIDE_HELP)
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="one more override")
         p.add_argument("--default", action="store_true", help="use the built-in default config")
         p.add_argument("--output-dir", help="the run folder (default runs/<name>)")
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         if run_flags:
             p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
             p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
         return p
 
-    p = configured("run", "the whole pipeline: allocate, train, evaluate, report (several methods: compare)")
+    model_config = ("with --dry-run: read the model's shapes from this config.json (or folder) instead of the "
+                    "model's own (hub models offline)")
+    p = configured("run", "the whole pipeline: allocate, train, evaluate, report (several methods: compare); "
+                          "no config: the built-in demo")
     p.add_argument("--dry-run", action="store_true",
                    help="build the model on the meta device and print the plan and budget (static allocators)")
+    p.add_argument("--model-config", metavar="PATH", help=model_config)
     p.set_defaults(func=cmd_run)
     p = configured("compare", "several allocators at equal budget on the same model, data and seed; one table")
     p.add_argument("--methods", help="comma-separated allocators (default: adapter.method)")
+    p.add_argument("--seeds", help="comma-separated seeds: every method runs with each (default: train.seed)")
     p.set_defaults(func=cmd_compare)
     configured("train", "allocate and train; writes the adapter into the run folder").set_defaults(func=cmd_train)
     p = configured("allocate", "compute the plan only", run_flags=False)
     p.add_argument("-o", "--output", help="write the plan here (JSON)")
     p.add_argument("--dry-run", action="store_true", help="meta-device model: no weights read (static allocators)")
+    p.add_argument("--model-config", metavar="PATH", help=model_config)
     p.set_defaults(func=cmd_allocate)
-    p = sub.add_parser("evaluate", help="evaluate a run's adapter", description="evaluate a run's adapter")
+    p = command("evaluate", "evaluate a run's adapter again; overrides replace what the run stored (a new "
+                            "data.eval also drops the run's data.max_eval_samples)", epilog=_epilog("evaluate"))
     p.add_argument("run_dir")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP + " (e.g. data.eval=FILE)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("-o", "--output", help="also write the metrics JSON here")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_evaluate)
-    plan = sub.add_parser("plan", help="inspect plans").add_subparsers(dest="plan_command", required=True)
-    p = plan.add_parser("show", help="print a plan (plan.json or a run folder), optionally its heatmap")
-    p.add_argument("path")
-    p.add_argument("--model", help="base model, for per-module parameter counts (built on the meta device)")
-    p.add_argument("--plot", metavar="PNG", help="write the allocation heatmap here")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_plan_show)
-    p = sub.add_parser("export", help="export an adapter (or a run's) to another format")
+    plan = command("plan", "inspect plans", epilog=_epilog("plan")).add_subparsers(dest="plan_command", required=True)
+    p = command("show", "print a plan: a plan.json, a run folder (with its parameters per module) or a compare "
+                        "folder (its runs); optionally the heatmap", parent=plan, epilog=_epilog("show"))
+    p.add_argument("path", metavar="PLAN_OR_FOLDER")
+    p.add_argument("--model", help="base model, for per-module parameter counts of a plan file (meta device)")
+    p.add_argument("--plot", metavar="PNG", help="write the allocation heatmap here (a compare folder: one per run)")
+    p.set_defaults(func=cmd_plan_show, light=True)
+    p = command("export", "export an adapter (or a run's) to another format", epilog=_epilog("export"))
     p.add_argument("--to", required=True, choices=["peft"])
     p.add_argument("run_dir", metavar="ADAPTER_OR_RUN_DIR")
     p.add_argument("out_dir")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_export)
+    p = command("data", "prepare the data the example configs expect (data/llm-adapters, data/scienceqa)",
+                epilog=_epilog("data"))
+    p.add_argument("dataset", choices=["llm-adapters", "scienceqa"])
+    p.add_argument("--source", metavar="DIR", help="a local copy to read (offline); default: the Hugging Face hub")
+    p.add_argument("--out", metavar="DIR", help="where to write (default data/llm-adapters or data/scienceqa)")
+    p.add_argument("--tasks", help="llm-adapters: comma-separated task folders (default: the 8 commonsense tasks)")
+    p.set_defaults(func=cmd_data, light=True)
     return parser
+
+
+def quiet(debug: bool = False) -> None:
+    """transformers' info logs and progress bars off (unless ``debug``)."""
+    if debug:
+        return
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -190,13 +309,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not ns.debug:  # moela's own warnings as one line each; third-party library noise hidden
         import warnings
 
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
         warnings.filterwarnings("ignore")
         warnings.filterwarnings("default", module=r"moela(\.|$)")
         warnings.showwarning = lambda message, *_, **__: print(f"moela: warning: {message}", file=sys.stderr)
+        if not getattr(ns, "light", False):  # commands that load models
+            quiet()
     try:
         ns.func(ns)
     except KeyboardInterrupt:

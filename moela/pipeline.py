@@ -28,8 +28,9 @@ from .distributed import broadcast, on_main, process_state
 from .evaluate import RoutingCounter, evaluate, lm_eval_harness, routing_statistics
 from .model import default_modules_to_save, inject
 from .plan import AllocationPlan
+from . import report
 from .report import metrics_table, run_row, write_compare_report, write_run_report
-from .settings import DataSettings, Settings, load_settings
+from .settings import DataSettings, Settings, load_settings, parse_override
 from .train import check_trainer_args, train
 
 
@@ -164,13 +165,15 @@ def evaluate_and_report(model: nn.Module, settings: Settings, prepared: Prepared
     """Evaluate, write metrics, predictions, routing statistics and ``report.md``; return the summary row."""
     counter = RoutingCounter(model)
     metrics, rows = evaluate_model(model, settings, prepared, counter)
+    report.annotate(metrics, rows, prepared.eval_records)  # majority and chance rates, what was predicted
     if counter.tokens:  # counted during the classification forwards
         routing = counter.result()
     else:  # generation, option log-likelihood and lm-eval do not run the evaluation features as they are
         routing = routing_statistics(model, make_loader(prepared.eval_features, prepared.tokenizer.pad_token_id,
                                                         batch_size=settings.eval.batch_size))
     metrics.update(method=method, adapter_params=trainable, budget=plan.meta.get("budget"),
-                   active_params_per_token=routing["active_params_per_token"])
+                   active_params_per_token=routing["active_params_per_token"], seed=settings.train.seed,
+                   train_examples=len(prepared.train_records))
     run_folder.write_json(run_dir / "metrics.json", metrics)
     run_folder.write_json(run_dir / "predictions.json", rows)
     run_folder.write_json(run_dir / "routing.json", routing)
@@ -243,10 +246,12 @@ def run(settings: Settings, *, overwrite: bool = False, resume: bool = False,
 
 
 def compare(settings: Settings, methods: Sequence[str] | None = None, *, overwrite: bool = False,
-            resume: bool = False) -> list[dict]:
-    """Run every method on the same model, data and seed at the same budget, each in ``output_dir/<method>``;
-    write ``output_dir/report.md`` and ``compare.json``; return the rows (empty on the other processes)."""
+            resume: bool = False, seeds: Sequence[int] | None = None) -> list[dict]:
+    """Run every method on the same model, data and seed at the same budget, each in ``output_dir/<method>``
+    (several ``seeds``: ``output_dir/<method>/seed-<s>``, and the report gives mean ± sd); write
+    ``output_dir/report.md`` and ``compare.json``; return the rows (empty on the other processes)."""
     methods = list(methods or settings.methods)
+    seeds = list(seeds) if seeds else [settings.train.seed]
     settings = settings.updated({"adapter": {"method": methods}})
     check_methods(settings)
     state = process_state()
@@ -255,10 +260,11 @@ def compare(settings: Settings, methods: Sequence[str] | None = None, *, overwri
     budget = settings.adapter.budget or "uniform:E=4,r=8"
     rows = []
     started_all = time.perf_counter()
-    for method in methods:
-        sub = settings.updated({"adapter": {"method": method, "budget": budget}, "output_dir": str(out / method)})
+    for method, seed in ((m, s) for m in methods for s in seeds):
+        done = out / method / f"seed-{seed}" if len(seeds) > 1 else out / method
+        sub = settings.updated({"adapter": {"method": method, "budget": budget}, "output_dir": str(done),
+                                "train": {"seed": seed}})
         started = time.perf_counter()
-        done = out / method
         if broadcast(resume and run_folder.is_finished(done)):  # an interrupted comparison keeps its finished runs
             if not state.is_main_process:
                 continue
@@ -270,7 +276,7 @@ def compare(settings: Settings, methods: Sequence[str] | None = None, *, overwri
         if row is None:  # not the main process
             continue
         row["seconds"] = round(time.perf_counter() - started, 1)
-        print(f"[{method}] accuracy {100 * row['metrics']['accuracy']:.1f}% in {row['seconds']} s", flush=True)
+        print(report.progress_line(row, seed if len(seeds) > 1 else None), flush=True)
         rows.append(row)
     if not state.is_main_process:
         return []
@@ -278,26 +284,29 @@ def compare(settings: Settings, methods: Sequence[str] | None = None, *, overwri
     described = f"{budget} = {targets[0]:,} parameters" if targets else str(budget)
     run_folder.write_json(out / "compare.json", {"budget": budget, "budget_parameters": targets[0] if targets else None,
                                              "rows": rows})
-    report = write_compare_report(out, rows, described)
+    path = write_compare_report(out, rows, described, report.describe_setup(settings, rows, seeds))
     run_folder.mark_finished(out)
     print()
     print(metrics_table(rows))
-    print(f"\n{len(rows)} runs in {time.perf_counter() - started_all:.0f} s; report: {report}")
+    print("\n" + "\n".join(report.summary(rows)))
+    print(f"\n{len(rows)} runs in {time.perf_counter() - started_all:.0f} s; report: {path}")
     return rows
 
 
-def plan_only(settings: Settings, *, meta: bool = False) -> list[tuple[AllocationPlan, nn.Module]]:
+def plan_only(settings: Settings, *, meta: bool = False,
+              model_config: str | Path | None = None) -> list[tuple[AllocationPlan, nn.Module]]:
     """The plan of every method of ``settings`` with its model; ``meta``: the model built on the meta device
-    (no weights or data read; allocators that need them are refused)."""
+    (no weights or data read; allocators that need them are refused) from its config (``model_config``: a
+    local config.json or folder to read it from instead of the model's own, for hub models offline)."""
     out = []
     check_methods(settings)
     for method in settings.methods:
         if meta:
             if allocator(method).needs_weights:
                 raise ValueError(f"--dry-run cannot run allocator {method!r}: it needs the model's weights or data")
-            task = model_task(settings.model.name_or_path, settings.model.task)
+            task = model_task(settings.model.name_or_path, settings.model.task, model_config)
             model, _ = load_model(settings.model.name_or_path, task, num_labels=settings.model.num_labels or 2,
-                                  meta=True)
+                                  meta=True, config_file=model_config)
             out.append((make_plan(settings, model, None, method), model))
         else:
             prepared = prepare(settings, need_train=allocator(method).needs_data)
@@ -307,14 +316,31 @@ def plan_only(settings: Settings, *, meta: bool = False) -> list[tuple[Allocatio
 
 
 def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """The metrics of a finished run's adapter, on its evaluation data or the one ``overrides`` set."""
+    """The metrics of a finished run's adapter, on its evaluation data or the one ``overrides`` set.
+
+    ``overrides`` replace what the run stored (``key=null`` resets an optional key); a new ``data.eval``
+    also drops the run's ``data.max_eval_samples`` unless the overrides set that too."""
     run_dir = Path(run_dir)
     if not (run_dir / run_folder.SETTINGS_FILE).is_file() or not (run_dir / "adapter").is_dir():
         raise ValueError(f"{run_dir} is not a moela run folder (needs {run_folder.SETTINGS_FILE} and adapter/)")
+    overrides = list(overrides)
+    given = {key for text in overrides for key in _keys(parse_override(text))}
+    if "data.eval" in given and "data.max_eval_samples" not in given:
+        overrides.insert(0, "data.max_eval_samples=null")  # the run's cap was for the run's own evaluation data
     settings = load_settings(run_dir / run_folder.SETTINGS_FILE, overrides)
     prepared = prepare(settings, need_train=False)
     model, _ = load_base(settings, prepared)
     load_adapter(model, run_dir / "adapter", adapter_dtype=torch.float32)
-    metrics, _ = evaluate_model(model, settings, prepared)
-    return metrics
+    metrics, rows = evaluate_model(model, settings, prepared)
+    return report.annotate(metrics, rows, prepared.eval_records)
+
+
+def _keys(tree: dict, prefix: str = "") -> list[str]:
+    """The dotted keys an override sets (``{"data": {"eval": …}}`` → ``["data", "data.eval"]``)."""
+    out = []
+    for key, value in tree.items():
+        out.append(prefix + key)
+        if isinstance(value, dict) and prefix + key in ("data", "model", "adapter", "train", "eval"):
+            out += _keys(value, prefix + key + ".")
+    return out
 

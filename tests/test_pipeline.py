@@ -139,7 +139,7 @@ def test_multiple_choice_encoder_learns_and_ignores_padded_choices(tmp_path):
     run = tmp_path / "run"
     assert main(["run", str(config), f"output_dir={run}"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["protocol"] == "classification" and metrics["n"] == 30
+    assert metrics["protocol"] == "multiple_choice" and metrics["n"] == 30
     assert metrics["accuracy"] >= 0.75  # chance is 0.42 (2 or 3 choices)
     predictions = json.loads((run / "predictions.json").read_text())
     test = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
