@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping
 
 from torch import nn
 
-from .io import atomic_write_text
+from .io import atomic_write_text, read_json
 from .layer import linear_dims
 
 PLAN_FORMAT = "moela-plan/1"
@@ -129,10 +129,7 @@ class AllocationPlan:
     @classmethod
     def load(cls, path: str | Path) -> "AllocationPlan":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+        data = read_json(path)
         try:
             return cls.from_dict(data)
         except ValueError as err:
