@@ -265,6 +265,8 @@ def parse_override(text: str) -> dict:
         value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ValueError(f"override {text!r}: the value is not valid YAML ({' '.join(str(err).split())})") from None
+    except RecursionError:
+        raise ValueError(f"override {text[:40]!r}: the value is nested too deeply") from None
     for part in reversed(key.strip().split(".")):
         value = {part: value}
     return value
@@ -294,6 +296,8 @@ def read_yaml(path: Path) -> dict:
         raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: YAML nested too deeply to read") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config must be a YAML mapping")
     return data
