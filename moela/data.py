@@ -276,7 +276,7 @@ def _classification(row: dict, place: str, text_column: str, pair_column: str | 
     if not text.strip():
         raise ValueError(f"{place}: field {text_column!r} is empty")
     label = row.get(label_column)
-    if isinstance(label, str) and label.strip().lstrip("-").isdigit() and len(label.strip()) <= 12:
+    if isinstance(label, str) and label.strip().lstrip("-").isdigit() and len(label.strip()) <= 4000:
         label = int(label.strip())
     if not isinstance(label, int) or isinstance(label, bool) or label < 0:
         what = "is missing" if label_column not in row else f"must be an integer >= 0, got {_short(label)}"

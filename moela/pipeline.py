@@ -26,6 +26,7 @@ from .config import MoelaConfig
 from .data import load_records, make_loader, split_validation, task_ids, text_bound, tokenize
 from .distributed import broadcast, on_main, process_state
 from .evaluate import RoutingCounter, evaluate, lm_eval_harness, routing_statistics
+from .io import recover_dir
 from .model import default_modules_to_save, inject
 from .plan import AllocationPlan
 from .report import metrics_table, run_row, write_compare_report, write_run_report
@@ -186,6 +187,9 @@ def run(settings: Settings, *, overwrite: bool = False, resume: bool = False,
     main = state.is_main_process
     run_dir = Path(settings.output_dir)
     check_methods(settings, evaluate=evaluate_after)
+    if len(settings.methods) > 1:
+        raise ValueError(f"adapter.method names {len(settings.methods)} methods; a run trains one (moela compare "
+                         "runs several)")
     on_main(run_folder.claim, run_dir, overwrite=overwrite, resume=resume, settings=settings)
     method = settings.methods[0]
     try:
@@ -320,6 +324,7 @@ def plan_only(settings: Settings, *, meta: bool = False) -> list[tuple[Allocatio
 def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The metrics of a finished run's adapter, on its evaluation data or the one ``overrides`` set."""
     run_dir = Path(run_dir)
+    recover_dir(run_dir / "adapter")  # a crash between the two renames of a replacement left it as .adapter.old
     if not (run_dir / run_folder.SETTINGS_FILE).is_file() or not (run_dir / "adapter").is_dir():
         raise ValueError(f"{run_dir} is not a moela run folder (needs {run_folder.SETTINGS_FILE} and adapter/)")
     settings = load_settings(run_dir / run_folder.SETTINGS_FILE, overrides)
