@@ -52,6 +52,7 @@ OPTION_RANGES: dict[str, tuple[str, float, float, bool, bool]] = {
     "top_p": ("float", 0, 1, False, True),
 }
 OPTION_CHOICES = {"mode": ("auto", "vote", "proportional")}
+ROUTING = ("top_p", "max_k", "num_null")  # what moela's allocators with open options (``**routing``) take
 PATTERN_LIMITS = {"ranks": MAX_RANK}  # other patterns count experts
 
 
@@ -106,7 +107,12 @@ def _hint_kinds(fn: Any, name: str) -> set[str]:
 def check_option(method: str, key: str, value: Any) -> None:
     """One allocator option's value: ValueError naming option, value and what is allowed."""
     name = f"adapter.options: {method} option {key}={value!r}"
-    kinds = _hint_kinds(allocator(method).fn, key)
+    entry = allocator(method)
+    if key not in entry.options and entry.open_options and key not in ROUTING and entry.fn.__module__.startswith(
+            "moela."):
+        raise ValueError(f"adapter.options: {method} has no option {key!r}; it takes {', '.join(entry.options)} and "
+                         f"routing options ({', '.join(ROUTING)})")
+    kinds = _hint_kinds(entry.fn, key)
     if value is None and ("none" in kinds or not kinds and key in ("top_p", "max_k")):
         return
     if "pattern" in kinds and not (_is_int(value) and "int" in kinds):
