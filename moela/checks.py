@@ -118,7 +118,7 @@ def check_option(method: str, key: str, value: Any) -> None:
     if "pattern" in kinds and not (_is_int(value) and "int" in kinds):
         try:
             counts = parse_pattern(value, f"{method} {key}")
-        except ValueError:
+        except (ValueError, TypeError):
             raise ValueError(f"{name} must be digits like '2468' or a list of integers >= 1") from None
         limit = PATTERN_LIMITS.get(key, MAX_EXPERTS)
         if any(c > limit for c in counts):

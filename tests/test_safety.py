@@ -367,6 +367,39 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, tiny_lm, capsys, no_
     assert not (tmp_path / "run").exists()  # refused before the run folder was even made
 
 
+def numeric_keys() -> list[str]:
+    import dataclasses
+    import typing
+
+    from moela.settings import SECTIONS
+
+    out = []
+    for name, section in SECTIONS.items():
+        hints = typing.get_type_hints(section)
+        for f in dataclasses.fields(section):
+            args = typing.get_args(hints[f.name]) or (hints[f.name],)
+            if (int in args or float in args) and bool not in args:
+                out.append(f"{name}.{f.name}")
+    return out
+
+
+ZERO_ALLOWED = {"train.max_steps", "train.weight_decay", "train.warmup_ratio", "train.balance_coef",
+                "train.save_steps", "train.seed", "data.val_size", "adapter.dropout"}
+NEGATIVE_ALLOWED = {"train.max_steps"}  # -1: train for train.epochs
+
+
+@pytest.mark.parametrize("key", numeric_keys())
+def test_every_numeric_setting_refuses_nan_infinity_and_meaningless_values(tmp_path, tiny_lm, capsys,
+                                                                         no_model_load, key):
+    config = lm_config(tmp_path, tiny_lm)
+    bad = [".nan", ".inf", "-.inf"] + ([] if key in NEGATIVE_ALLOWED else ["-1"]) + \
+        ([] if key in ZERO_ALLOWED else ["0"])
+    for value in bad:
+        assert main(["run", str(config), f"{key}={value}"]) == 1, (key, value)
+        assert f"config key {key!r} must be" in one_line_error(capsys), (key, value)
+    assert not (tmp_path / "run").exists()
+
+
 def test_epochs_zero_in_a_settings_file_names_the_file(tmp_path, tiny_lm, capsys, no_model_load):
     config = lm_config(tmp_path, tiny_lm, train={"epochs": 0})
     assert main(["run", str(config)]) == 1
