@@ -194,23 +194,26 @@ def _sources(spec: Any, key: str) -> list[dict]:
     return out
 
 
-def check_sources(settings: Settings) -> None:
-    """The shape of ``data.train`` / ``data.eval``, and that every local data file named exists."""
+def check_sources(settings: Settings, *, exist: bool = True, train: bool = True) -> None:
+    """The shape of ``data.train`` / ``data.eval``; with ``exist``, that every local data file the run reads
+    exists (``data.train`` only when ``train`` or when it provides the validation split)."""
     from .demo import SOURCE as DEMO
 
     for key, spec in (("data.train", settings.data.train), ("data.eval", settings.data.eval)):
         if spec is None:
             continue
+        read = exist and (key == "data.eval" or train or settings.data.eval is None)
         for item in _sources(spec, key):
             path = Path(item["path"])
-            if item["path"] == DEMO or path.exists():
+            if not read or item["path"] == DEMO or path.exists():
                 continue
             if path.suffix.lower() in DATA_SUFFIXES or "/" not in item["path"]:
                 raise ValueError(f"config key {key!r}: {path}: no such data file")
 
 
-def check_values(settings: Settings, *, allocation: bool = True) -> None:
-    """Every free-form setting and (``allocation``) every allocator option, without reading any file."""
+def check_values(settings: Settings, *, allocation: bool = True, data: bool = True) -> None:
+    """Every free-form setting and (``allocation``) every allocator option, reading no file; with ``data``,
+    that the local data files the run reads exist."""
     if allocation:
         check_options(settings)
         targets = settings.adapter.targets
@@ -232,7 +235,7 @@ def check_values(settings: Settings, *, allocation: bool = True) -> None:
         saved = settings.adapter.modules_to_save
         if saved is not None and not all(isinstance(m, str) and m.strip() for m in saved):
             raise ValueError(f"config key 'adapter.modules_to_save' must be a list of module names, got {saved!r}")
-    check_sources(settings)
+    check_sources(settings, exist=data, train=allocation)
     data, train, ev = settings.data, settings.train, settings.eval
     if _is_number(data.val_size) and data.val_size >= 1 and not float(data.val_size).is_integer():
         raise ValueError(f"config key 'data.val_size' must be a fraction below 1 or a whole count, got {data.val_size!r}")
@@ -320,11 +323,11 @@ def check_on_meta(settings: Settings, model: nn.Module, options: dict[str, dict[
                                  f"{method} (one expert of rank 1 on each of the {len(names)} target modules)")
 
 
-def preflight(settings: Settings, *, evaluate: bool = True, allocation: bool = True) -> str:
+def preflight(settings: Settings, *, evaluate: bool = True, allocation: bool = True, data: bool = True) -> str:
     """Everything checkable before the weights and data are loaded (module docstring); returns the model task.
-    ``evaluate``: the run will evaluate (check the protocol); ``allocation``: it will plan (check the allocator
-    settings)."""
-    check_values(settings, allocation=allocation)
+    ``evaluate``: the run will evaluate (check the protocol); ``allocation``: it will plan and train (check the
+    allocator settings); ``data``: it will read its data files (check they exist)."""
+    check_values(settings, allocation=allocation, data=data)
     task = read_task(settings)
     if evaluate:
         check_protocol(settings, task)

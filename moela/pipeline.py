@@ -138,10 +138,10 @@ def make_plan(settings: Settings, model: nn.Module, prepared: Prepared | None, m
                     seed=settings.train.seed, **options_for(method, adapter.options or {}, settings.methods))
 
 
-def check_methods(settings: Settings, evaluate: bool = True) -> None:
+def check_methods(settings: Settings, evaluate: bool = True, data: bool = True) -> None:
     """Before any work: every setting and allocator option, the model's config, the evaluation protocol, and a
     trial allocation on the meta device (:func:`moela.checks.preflight`)."""
-    checks.preflight(settings, evaluate=evaluate)
+    checks.preflight(settings, evaluate=evaluate, data=data)
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
@@ -305,7 +305,7 @@ def plan_only(settings: Settings, *, meta: bool = False) -> list[tuple[Allocatio
     """The plan of every method of ``settings`` with its model; ``meta``: the model built on the meta device
     (no weights or data read; allocators that need them are refused)."""
     out = []
-    check_methods(settings, evaluate=False)
+    check_methods(settings, evaluate=False, data=False)  # a plan needs data only for data-driven methods
     for method in settings.methods:
         if meta:
             if allocator(method).needs_weights:

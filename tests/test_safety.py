@@ -738,3 +738,11 @@ def test_valid_generated_settings_train_to_the_end(tiny_lm, capsys, overrides):
         assert run_folder.is_finished(run) and (run / "adapter" / "adapter_model.safetensors").is_file()
         for name, content in user.items():
             assert (root / name).read_bytes() == content, name
+
+
+def test_checks_demand_only_what_the_command_reads(tmp_path, tiny_lm, capsys):
+    """A dry-run plan reads no data: its data files need not exist (a 7B config on a laptop without the data)."""
+    config = lm_config(tmp_path, tiny_lm)
+    assert main(["allocate", str(config), "--dry-run", f"data.train={tmp_path / 'absent.json'}"]) == 0
+    assert main(["train", str(config), f"data.train={tmp_path / 'absent.json'}"]) == 1
+    assert f"{tmp_path / 'absent.json'}: no such data file" in one_line_error(capsys)
