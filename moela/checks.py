@@ -119,7 +119,8 @@ def check_option(method: str, key: str, value: Any) -> None:
         try:
             counts = parse_pattern(value, f"{method} {key}")
         except (ValueError, TypeError):
-            raise ValueError(f"{name} must be digits like '2468' or a list of integers >= 1") from None
+            hint = " (YAML reads 2468 as a number: quote it, '2468')" if _is_int(value) else ""
+            raise ValueError(f"{name} must be digits like '2468' or a list of integers >= 1{hint}") from None
         limit = PATTERN_LIMITS.get(key, MAX_EXPERTS)
         if any(c > limit for c in counts):
             raise ValueError(f"{name}: every entry must be between 1 and {limit}")
