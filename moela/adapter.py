@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import CONFIG_NAME, HEAD_NAME, WEIGHTS_NAME, MoelaConfig
-from .io import atomic_dir
+from .io import atomic_dir, recover_dir
 from .model import inject, moela_layers
 
 
@@ -73,12 +73,31 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], so
                          f"({len(extra)} unexpected tensor(s))")
 
 
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; ValueError naming the file when it cannot be read (empty, truncated,
+    not safetensors) and naming the tensor when one holds a NaN or an infinity."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a readable safetensors file ({first}); the file is empty, truncated or "
+                         "corrupt") from None
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{path}: tensor {key!r} holds non-finite values (NaN or infinity); refusing a corrupt "
+                             "adapter")
+    return tensors
+
+
 def load_head_state_dict(model: nn.Module, directory: str | Path) -> list[str]:
     """Copy ``head.safetensors`` (if any) into ``model``; returns the parameter names loaded."""
     path = Path(directory) / HEAD_NAME
     if not path.is_file():
         return []
-    tensors = load_file(str(path))
+    tensors = read_tensors(path)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in tensors.items():
@@ -116,11 +135,12 @@ def load_adapter(model: nn.Module, directory: str | Path, is_trainable: bool = F
     or its shapes differ from the adapter's.
     """
     directory = Path(directory)
+    recover_dir(directory)  # a crash between the two renames of a replacement left it as .<name>.old
     config = MoelaConfig.load(directory)
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: no adapter weights here")
-    state = load_file(str(weights))
+    state = read_tensors(weights)
     try:
         dims = config.plan.validate(model)
     except ValueError as err:
@@ -146,5 +166,5 @@ def load_adapter(model: nn.Module, directory: str | Path, is_trainable: bool = F
 
 def copy_adapter(model: nn.Module, directory: str | Path) -> None:
     """Load adapter and head weights from ``directory`` into a model that already has the adapter."""
-    load_adapter_state_dict(model, load_file(str(Path(directory) / WEIGHTS_NAME)), source=str(directory))
+    load_adapter_state_dict(model, read_tensors(Path(directory) / WEIGHTS_NAME), source=str(directory))
     load_head_state_dict(model, directory)

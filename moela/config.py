@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write_text
+from .io import atomic_write_text, read_json
 from .layer import SCALINGS
 from .plan import AllocationPlan
 from .version import __version__
@@ -89,10 +89,7 @@ class MoelaConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no adapter config here")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+        data = read_json(path)
         try:
             return cls.from_dict(data)
         except (ValueError, TypeError) as err:

@@ -16,7 +16,8 @@ import torch
 from .adapter import load_adapter
 from .base_model import load_model
 from .config import CONFIG_NAME, MoelaConfig
-from .io import atomic_dir
+from .io import atomic_dir, is_temporary
+from .run_folder import inside, mark_owned, owner, protected
 
 
 def check_exportable(config: MoelaConfig, source: str) -> None:
@@ -29,6 +30,37 @@ def check_exportable(config: MoelaConfig, source: str) -> None:
                              "LoRA (method lora, or E=1 everywhere) can be exported")
 
 
+def check_target(source: Path, adapter_dir: Path, out_dir: Path) -> None:
+    """Refuse an export folder that would replace anything but an earlier export: a file, a non-empty folder
+    moela's export did not create, the current folder or a parent of it, the run or adapter being exported or
+    a folder holding them, or a folder inside the adapter."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"export target {out_dir} is a file; give a folder path")
+    reason = protected(out_dir)
+    for folder in (source, adapter_dir):
+        if reason is None and inside(folder, out_dir):
+            reason = f"it is {'the folder being exported' if folder.resolve() == out_dir.resolve() else 'a parent of ' + str(folder)}"
+    if reason is None and inside(out_dir, adapter_dir):
+        reason = f"it is inside the adapter folder {adapter_dir}"
+    if reason is None and out_dir.is_dir() and any(out_dir.iterdir()) and owner(out_dir) != "export":
+        reason = "it is not empty and moela's export did not create it"
+    if reason:
+        raise ValueError(f"refusing to export into {out_dir}: {reason}; choose a new folder")
+
+
+def remove_stale(out_dir: Path) -> None:
+    """Temporary folders of killed exports to ``out_dir`` (named so and holding the export marker)."""
+    import shutil
+
+    parent = out_dir.parent
+    if not parent.is_dir():
+        return
+    for entry in parent.iterdir():
+        if entry.name.startswith(f".{out_dir.name}.") and is_temporary(entry) and entry.is_dir() \
+                and not entry.is_symlink() and owner(entry) == "export":
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's format into ``out_dir``, such
     that ``peft.PeftModel.from_pretrained(base, out_dir)`` computes the same logits as the adapted model.
@@ -39,8 +71,10 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     except ImportError:
         raise ValueError("exporting to PEFT needs the peft package: pip install 'moela[peft]'") from None
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    source = adapter_dir
     if not (adapter_dir / CONFIG_NAME).is_file() and (adapter_dir / "adapter" / CONFIG_NAME).is_file():
         adapter_dir = adapter_dir / "adapter"
+    check_target(source, adapter_dir, out_dir)
     config = MoelaConfig.load(adapter_dir)
     check_exportable(config, str(adapter_dir))
     name, task = config.base_model_name_or_path, config.task_type
@@ -71,6 +105,9 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
             copy = inner.get_submodule(module).modules_to_save["default"]
             for pname, value in copy.named_parameters():
                 value.copy_(params[f"{module}.{pname}"])
+    check_target(source, adapter_dir, out_dir)  # again: the folder may have changed while the models loaded
+    remove_stale(out_dir)
     with atomic_dir(out_dir) as tmp:
+        mark_owned(tmp, "export")
         wrapped.save_pretrained(str(tmp))
     return out_dir

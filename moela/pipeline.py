@@ -18,14 +18,15 @@ import torch
 import transformers
 from torch import nn
 
-from . import demo, run_folder
+from . import checks, demo, run_folder
 from .adapter import load_adapter
 from .allocators import allocate, allocator, options_for
 from .base_model import DATA_KINDS, load_model, load_tokenizer, model_task
 from .config import MoelaConfig
-from .data import load_records, make_loader, split_validation, task_ids, tokenize
+from .data import load_records, make_loader, split_validation, task_ids, text_bound, tokenize
 from .distributed import broadcast, on_main, process_state
 from .evaluate import RoutingCounter, evaluate, lm_eval_harness, routing_statistics
+from .io import recover_dir
 from .model import default_modules_to_save, inject
 from .plan import AllocationPlan
 from . import report
@@ -66,7 +67,8 @@ def read_sources(spec: Any, kind: str, data: DataSettings, split: str | None, li
         loaded = load_records(item["path"], kind, split=item.get("split", split), task=item.get("task"),
                               task_column=data.task_column, text_column=data.text_column,
                               text_pair_column=data.text_pair_column, label_column=data.label_column,
-                              choices_column=data.choices_column, limit=item.get("limit"))
+                              choices_column=data.choices_column, limit=item.get("limit"),
+                              max_chars=text_bound(data.cutoff_len))
         if kind == "classification" and num_labels is not None:
             for i, record in enumerate(loaded):
                 if not 0 <= record["label"] < num_labels:
@@ -137,11 +139,10 @@ def make_plan(settings: Settings, model: nn.Module, prepared: Prepared | None, m
                     seed=settings.train.seed, **options_for(method, adapter.options or {}, settings.methods))
 
 
-def check_methods(settings: Settings) -> None:
-    """What the settings file cannot check alone, before any work: every method is registered, every allocator
-    option is one its method takes, every ``train.trainer_args`` key is a TrainingArguments field."""
-    for method in settings.methods:
-        options_for(method, settings.adapter.options or {}, settings.methods)
+def check_methods(settings: Settings, evaluate: bool = True, data: bool = True) -> None:
+    """Before any work: every setting and allocator option, the model's config, the evaluation protocol, a
+    trial allocation on the meta device (:func:`moela.checks.preflight`) and ``train.trainer_args``."""
+    checks.preflight(settings, evaluate=evaluate, data=data)
     check_trainer_args(settings.train.trainer_args)
 
 
@@ -189,15 +190,20 @@ def run(settings: Settings, *, overwrite: bool = False, resume: bool = False,
     state = process_state()
     main = state.is_main_process
     run_dir = Path(settings.output_dir)
-    check_methods(settings)
-    on_main(run_folder.check_run_dir, run_dir, overwrite=overwrite, resume=resume)
+    check_methods(settings, evaluate=evaluate_after)
+    if len(settings.methods) > 1:
+        raise ValueError(f"adapter.method names {len(settings.methods)} methods; a run trains one (moela compare "
+                         "runs several)")
+    on_main(run_folder.claim, run_dir, overwrite=overwrite, resume=resume, settings=settings)
     method = settings.methods[0]
     try:
         seed = settings.train.seed
         transformers.set_seed(seed)
         prepared = prepare(settings)
+        checks.check_prepared(settings, prepared)
         settings = settings.updated({"model": {"num_labels": prepared.num_labels}})
-        on_main(run_folder.start_run, run_dir, settings, overwrite=overwrite, resume=resume)
+        on_main(run_folder.start_run, run_dir, settings, resume=resume,
+                records=(prepared.train_records, prepared.eval_records))
         model, new_params = load_base(settings, prepared)
         plan_path = run_dir / "plan.json"
         if broadcast(resume and plan_path.is_file()):
@@ -208,6 +214,7 @@ def run(settings: Settings, *, overwrite: bool = False, resume: bool = False,
             plan.meta.setdefault("allocation_seconds", round(time.perf_counter() - started, 3))
             if main:
                 plan.save(plan_path)
+        on_main(run_folder.record_plan, run_dir)
         trainable = plan.num_trainable(model)
         if main:
             print(f"[{method}] plan: {len(plan)} modules, {trainable:,} adapter parameters", flush=True)
@@ -243,6 +250,8 @@ def run(settings: Settings, *, overwrite: bool = False, resume: bool = False,
     except BaseException as err:
         run_folder.mark_failed(run_dir, err)
         raise
+    finally:
+        run_folder.release(run_dir)
 
 
 def compare(settings: Settings, methods: Sequence[str] | None = None, *, overwrite: bool = False,
@@ -253,11 +262,20 @@ def compare(settings: Settings, methods: Sequence[str] | None = None, *, overwri
     methods = list(methods or settings.methods)
     seeds = list(seeds) if seeds else [settings.train.seed]
     settings = settings.updated({"adapter": {"method": methods}})
+    settings = settings.updated({"adapter": {"budget": settings.adapter.budget or "uniform:E=4,r=8"}})
     check_methods(settings)
-    state = process_state()
     out = Path(settings.output_dir)
-    on_main(run_folder.check_run_dir, out, overwrite=overwrite, resume=resume)
-    budget = settings.adapter.budget or "uniform:E=4,r=8"
+    on_main(run_folder.claim, out, overwrite=overwrite, resume=resume, kind="compare", settings=settings)
+    try:
+        on_main(run_folder.start_compare, out, settings, resume=resume)
+        return _compare(settings, methods, out, resume)
+    finally:
+        run_folder.release(out)
+
+
+def _compare(settings: Settings, methods: list[str], out: Path, resume: bool) -> list[dict]:
+    state = process_state()
+    budget = settings.adapter.budget
     rows = []
     started_all = time.perf_counter()
     for method, seed in ((m, s) for m in methods for s in seeds):
@@ -299,7 +317,7 @@ def plan_only(settings: Settings, *, meta: bool = False,
     (no weights or data read; allocators that need them are refused) from its config (``model_config``: a
     local config.json or folder to read it from instead of the model's own, for hub models offline)."""
     out = []
-    check_methods(settings)
+    check_methods(settings, evaluate=False, data=False)  # a plan needs data only for data-driven methods
     for method in settings.methods:
         if meta:
             if allocator(method).needs_weights:
@@ -321,6 +339,7 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str
     ``overrides`` replace what the run stored (``key=null`` resets an optional key); a new ``data.eval``
     also drops the run's ``data.max_eval_samples`` unless the overrides set that too."""
     run_dir = Path(run_dir)
+    recover_dir(run_dir / "adapter")  # a crash between the two renames of a replacement left it as .adapter.old
     if not (run_dir / run_folder.SETTINGS_FILE).is_file() or not (run_dir / "adapter").is_dir():
         raise ValueError(f"{run_dir} is not a moela run folder (needs {run_folder.SETTINGS_FILE} and adapter/)")
     overrides = list(overrides)
@@ -328,6 +347,7 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str
     if "data.eval" in given and "data.max_eval_samples" not in given:
         overrides.insert(0, "data.max_eval_samples=null")  # the run's cap was for the run's own evaluation data
     settings = load_settings(run_dir / run_folder.SETTINGS_FILE, overrides)
+    checks.preflight(settings, allocation=False)
     prepared = prepare(settings, need_train=False)
     model, _ = load_base(settings, prepared)
     load_adapter(model, run_dir / "adapter", adapter_dtype=torch.float32)

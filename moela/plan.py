@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from .io import atomic_write_text
+from .io import atomic_write_text, read_json
 
 if TYPE_CHECKING:  # torch is imported where a model is used, so that reading a plan file stays light
     from torch import nn
@@ -129,10 +129,7 @@ class AllocationPlan:
     @classmethod
     def load(cls, path: str | Path) -> "AllocationPlan":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+        data = read_json(path)
         try:
             return cls.from_dict(data)
         except ValueError as err:

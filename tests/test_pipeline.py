@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from moela import AllocationPlan, inject
+from moela import AllocationPlan, inject, run_folder
 from moela.cli import main
 from moela.evaluate import RoutingCounter, classify, extract_answer, is_correct, option_scores, routing_statistics
 from moela.data import make_loader, tokenize
@@ -86,10 +86,12 @@ def test_resume_continues_from_the_checkpoint(tmp_path, tiny_lm):
 def test_run_unfinished_needs_resume_or_overwrite(tmp_path, tiny_lm, capsys):
     config = lm_config(tmp_path, tiny_lm)
     (tmp_path / "run").mkdir()
+    run_folder.mark_owned(tmp_path / "run", "run")  # a run folder moela created, left unfinished
     (tmp_path / "run" / "plan.json").write_text("{}")
     assert main(["run", str(config)]) == 1
     assert "--resume" in capsys.readouterr().err
     (tmp_path / "run" / "plan.json").unlink()
+    (tmp_path / "run" / run_folder.MARKER).unlink()
     (tmp_path / "run" / "notes.txt").write_text("mine")
     assert main(["run", str(config), "--overwrite"]) == 1  # --overwrite deletes only moela run folders
     assert "not a moela run folder" in capsys.readouterr().err and (tmp_path / "run" / "notes.txt").is_file()
