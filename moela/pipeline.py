@@ -268,12 +268,12 @@ def compare(settings: Settings, methods: Sequence[str] | None = None, *, overwri
     on_main(run_folder.claim, out, overwrite=overwrite, resume=resume, kind="compare", settings=settings)
     try:
         on_main(run_folder.start_compare, out, settings, resume=resume)
-        return _compare(settings, methods, out, resume)
+        return _compare(settings, methods, seeds, out, resume)
     finally:
         run_folder.release(out)
 
 
-def _compare(settings: Settings, methods: list[str], out: Path, resume: bool) -> list[dict]:
+def _compare(settings: Settings, methods: list[str], seeds: list[int], out: Path, resume: bool) -> list[dict]:
     state = process_state()
     budget = settings.adapter.budget
     rows = []
