@@ -72,4 +72,4 @@ def allocate(method: str, model: nn.Module, *, targets: Any = "all-linear", budg
     return plan
 
 
-from . import alphalora, guilomo, hilo, mola, sensitivity, uniform  # noqa: E402,F401  (register the built-ins)
+from . import alphalora, gradspec, guilomo, hilo, mola, sensitivity, uniform  # noqa: E402,F401  (register the built-ins)
