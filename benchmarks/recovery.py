@@ -225,14 +225,15 @@ def run(args: argparse.Namespace) -> list[dict]:
                     continue
                 plan, seconds = plan_for(method, load_base(), planted, data, seed, budget)
                 t0 = time.perf_counter()
-                loss = train_student(plan, ids, targets, val_ids, val_targets, seed, args.steps, args.batch, args.lr)
+                loss = (train_student(plan, ids, targets, val_ids, val_targets, seed, args.steps, args.batch, args.lr)
+                        if method not in args.plan_only else None)
                 row = {"scenario": scenario, "method": method, "seed": seed, "loss": loss, "base_kl": base_kl,
                        "alloc_s": round(seconds, 3), "train_s": round(time.perf_counter() - t0, 3),
                        **plan_stats(plan, base, planted)}
                 if "unmoved" in plan.meta:
                     row["unmoved"] = plan.meta["unmoved"]
                 rows.append(row)
-                print(f"{scenario:12s} {method:12s} seed {seed}: KL {loss:.4f} (base {base_kl:.4f}) planted share "
+                print(f"{scenario:12s} {method:12s} seed {seed}: KL {loss or math.nan:.4f} (base {base_kl:.4f}) planted share "
                       f"{row['planted_share']:.2f} rho {row['spearman']:+.2f} alloc {seconds:.1f}s "
                       f"train {row['train_s']:.1f}s", flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -252,6 +253,13 @@ def ci(values: list[float]) -> tuple[float, float]:
     return mean, (t95(len(values)) * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan)
 
 
+def fmt(value: float, half: float, spec: str) -> str:
+    """``value ± half`` (just ``value`` without an interval, blank without a value)."""
+    if math.isnan(value):
+        return ""
+    return f"{value:{spec}}" + ("" if math.isnan(half) else f" ± {half:.4f}")
+
+
 def report(rows: list[dict], args: argparse.Namespace) -> str:
     scenarios = [s for s in SCENARIOS if any(r["scenario"] == s for r in rows)]
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
@@ -266,28 +274,30 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         desc = ", ".join(f"{b}.{t}:{k}" for (b, t), k in planted.items())
         base_kl = next(r["base_kl"] for r in rows if r["scenario"] == scenario)
         lines += [f"**{scenario}** (planted block.map:rank — {desc}; KL(teacher ‖ base) = {base_kl:.4f})", "",
-                  "| method | held-out KL ± 95% CI | vs uniform (paired) ± 95% CI | planted share | Spearman ρ "
+                  "| method | held-out KL ± 95% CI (seeds trained) | vs uniform (paired) ± 95% CI | planted share | Spearman ρ "
                   "| gap closure | alloc s |", "|---|---|---|---|---|---|---|"]
         mean = {}
         for m in methods:
-            vals = [get[scenario, m, s]["loss"] for s in seeds if (scenario, m, s) in get]
+            vals = [get[scenario, m, s]["loss"] for s in seeds
+                    if (scenario, m, s) in get and get[scenario, m, s]["loss"] is not None]
             if vals:
                 mean[m] = statistics.fmean(vals)
         for m in methods:
             have = [s for s in seeds if (scenario, m, s) in get]
             if not have:
                 continue
-            loss, half = ci([get[scenario, m, s]["loss"] for s in have])
-            paired = [get[scenario, m, s]["loss"] - get[scenario, "uniform", s]["loss"] for s in have
+            trained = [s for s in have if get[scenario, m, s]["loss"] is not None]
+            loss, half = ci([get[scenario, m, s]["loss"] for s in trained]) if trained else (math.nan, math.nan)
+            paired = [get[scenario, m, s]["loss"] - get[scenario, "uniform", s]["loss"] for s in trained
                       if (scenario, "uniform", s) in get]
             d, dh = ci(paired) if len(paired) > 1 and m != "uniform" else (math.nan, math.nan)
             share = statistics.fmean(get[scenario, m, s]["planted_share"] for s in have)
             rho = statistics.fmean(get[scenario, m, s]["spearman"] for s in have)
             gap = mean.get("uniform", math.nan) - mean.get("oracle", math.nan)
-            closure = (mean.get("uniform", math.nan) - mean[m]) / gap if gap else math.nan
+            closure = (mean.get("uniform", math.nan) - mean.get(m, math.nan)) / gap if gap else math.nan
             alloc = statistics.fmean(get[scenario, m, s]["alloc_s"] for s in have)
-            lines.append(f"| {m} | {loss:.4f} ± {half:.4f} | {'' if math.isnan(d) else f'{d:+.4f} ± {dh:.4f}'} | "
-                         f"{share:.2f} | {rho:+.2f} | {closure:+.2f} | {alloc:.1f} |")
+            lines.append(f"| {m} | {fmt(loss, half, '.4f')} ({len(trained)}) | {fmt(d, dh, '+.4f')} | {share:.2f} | "
+                         f"{rho:+.2f} | {'' if math.isnan(closure) else f'{closure:+.2f}'} | {alloc:.1f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -318,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--plan-only", nargs="*", default=[], metavar="METHOD",
+                        help="methods whose plans are scored (planted share, ρ) but not trained")
     parser.add_argument("--fresh", action="store_true", help="ignore earlier results")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results file (finished runs are kept)")
     parser.add_argument("--report-only", nargs="*", type=Path, metavar="RESULTS",

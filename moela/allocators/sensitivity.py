@@ -37,7 +37,8 @@ def backward_hooks(model: nn.Module, names: list[str], probe_batches: list[dict[
     """Forward and backward every batch through ``model`` and call ``on_grad(task, name, x, g)`` with each
     target's input tokens ``x`` (…, d_in) and output gradients ``g`` (…, d_out) (so ``∇_{W0} L = gᵀ x``).
     Rows of a batch are split by its ``task`` column (task 0 without one). No weight gets ``requires_grad``
-    (only the embedding output does, so a backward pass exists); the model is left exactly as it was."""
+    (only the embedding output does, or the floating-point inputs of a model without input embeddings, so a
+    backward pass exists); the model is left exactly as it was."""
     device = next(model.parameters()).device
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
@@ -56,7 +57,9 @@ def backward_hooks(model: nn.Module, names: list[str], probe_batches: list[dict[
     try:
         model.eval()
         model.requires_grad_(False)
-        handles.append(model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_()))
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if embeddings is not None:
+            handles.append(embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_()))
         for name in names:
             handles.append(model.get_submodule(name).register_forward_hook(watch(name)))
         for batch in tqdm(probe_batches, desc="gradient probe", leave=False):
@@ -66,6 +69,9 @@ def backward_hooks(model: nn.Module, names: list[str], probe_batches: list[dict[
                 current["task"] = t
                 sub = inputs if rows is None else {k: v[rows.to(v.device)] if isinstance(v, torch.Tensor)
                                                    and len(v) == len(rows) else v for k, v in inputs.items()}
+                if embeddings is None:
+                    sub = {k: v.detach().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                           and k != "labels" else v for k, v in sub.items()}
                 model(**sub).loss.backward()
                 if cost is not None:
                     cost.add(sub)
