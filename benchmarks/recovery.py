@@ -223,7 +223,12 @@ def run(args: argparse.Namespace) -> list[dict]:
             for method in args.methods:
                 if (scenario, method, seed) in done:
                     continue
-                plan, seconds = plan_for(method, load_base(), planted, data, seed, budget)
+                try:
+                    plan, seconds = plan_for(method, load_base(), planted, data, seed, budget)
+                except ValueError as err:  # e.g. a read-out whose smallest plan costs more than the budget
+                    rows.append({"scenario": scenario, "method": method, "seed": seed, "error": str(err)})
+                    print(f"{scenario:12s} {method:12s} seed {seed}: {err}", flush=True)
+                    continue
                 t0 = time.perf_counter()
                 loss = (train_student(plan, ids, targets, val_ids, val_targets, seed, args.steps, args.batch, args.lr)
                         if method not in args.plan_only else None)
@@ -263,10 +268,11 @@ def fmt(value: float, half: float, spec: str) -> str:
 def report(rows: list[dict], args: argparse.Namespace) -> str:
     scenarios = [s for s in SCENARIOS if any(r["scenario"] == s for r in rows)]
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    seeds = sorted({r["seed"] for r in rows})
-    get = {(r["scenario"], r["method"], r["seed"]): r for r in rows}
-    lines = [f"Measured with `python benchmarks/recovery.py {args.command_line}` ({platform.machine()}, "
-             f"torch {torch.__version__}, {args.threads} thread(s)); seeds {', '.join(map(str, seeds))}; budget "
+    seeds = sorted({r["seed"] for r in rows if "error" not in r})
+    failed = {(r["scenario"], r["method"]): r["error"] for r in rows if "error" in r}
+    get = {(r["scenario"], r["method"], r["seed"]): r for r in rows if "error" not in r}
+    lines = [f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s) per process; seeds "
+             f"{', '.join(map(str, seeds))}; budget "
              f"`{args.budget}` on all 35 linear maps of stories260k; students trained {args.steps} steps of "
              f"{args.batch} × {args.length} tokens (lr {args.lr}); held-out KL on {args.val} texts.", ""]
     for scenario in scenarios:
@@ -285,6 +291,8 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         for m in methods:
             have = [s for s in seeds if (scenario, m, s) in get]
             if not have:
+                if (scenario, m) in failed:
+                    lines.append(f"| {m} | no plan: {failed[scenario, m].split(' (')[0]} | | | | | |")
                 continue
             trained = [s for s in have if get[scenario, m, s]["loss"] is not None]
             loss, half = ci([get[scenario, m, s]["loss"] for s in trained]) if trained else (math.nan, math.nan)
@@ -336,7 +344,6 @@ def main(argv: list[str] | None = None) -> None:
                         help="rewrite the table from these results files (default: the --out file)")
     parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     args = parser.parse_args(argv)
-    args.command_line = " ".join(argv if argv is not None else __import__("sys").argv[1:])
     if args.report_only is not None:
         rows = [r for f in (args.report_only or [args.out]) for r in json.loads(Path(f).read_text())]
     else:
