@@ -13,7 +13,7 @@ from moela.plan import AllocationPlan
 from tests.helpers import ARCHITECTURES, TARGETS, examples, tiny_model
 
 OPTIONS = {"sensitivity": {"mode": "proportional"}, "guilomo": {"max_steps": 3, "batch_size": 4}}
-DATA_DRIVEN = {"sensitivity", "guilomo"}
+DATA_DRIVEN = {"sensitivity", "guilomo", "gradspec"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops run faster on one thread
@@ -23,7 +23,7 @@ def test_every_builtin_is_covered():
     assert set(available()) >= {"uniform", "lora", "mola", "hilo", "sensitivity", "alphalora", "guilomo"}
 
 
-@pytest.mark.parametrize("method", ["uniform", "mola", "hilo", "sensitivity", "alphalora", "guilomo"])
+@pytest.mark.parametrize("method", ["uniform", "mola", "hilo", "sensitivity", "alphalora", "guilomo", "gradspec"])
 def test_deterministic_budgeted_and_recorded(method, tmp_path):
     model = tiny_model("qwen2")
     data = examples(12) if method in DATA_DRIVEN else None
@@ -54,7 +54,7 @@ def test_model_dependent_allocators_on_every_architecture(kind):
     model = tiny_model(kind)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     data = examples(12, classify=kind == "bert")
-    for method in ("sensitivity", "alphalora", "guilomo"):
+    for method in ("sensitivity", "alphalora", "guilomo", "gradspec"):
         plan = allocate(method, model, targets=TARGETS[kind], data=data, **OPTIONS.get(method, {}))
         plan.validate(model)
         assert plan.meta["budget"]["achieved"] == plan.num_trainable(model)
