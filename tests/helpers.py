@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import transformers
 import yaml
+from torch import nn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 
@@ -129,3 +131,29 @@ def examples(n: int = 6, seed: int = 0, tasks: int | None = None, classify: bool
             ex["task"] = i % tasks
         out.append(ex)
     return out
+
+
+class Toy(nn.Module):
+    """``out = layers.0.proj(x₁) + layers.1.proj(x₂)``, mean squared error."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.d = d
+        self.layers = nn.ModuleList([nn.ModuleDict({"proj": nn.Linear(d, d, bias=False)}) for _ in range(2)])
+
+    def forward(self, x, labels):
+        out = self.layers[0]["proj"](x[:, :self.d]) + self.layers[1]["proj"](x[:, self.d:])
+        return SimpleNamespace(loss=((out - labels) ** 2).mean())
+
+
+def toy_task(seed: int, n: int = 640, d: int = 16) -> tuple[Toy, list[dict]]:
+    """Targets need a rank-6 change of layers.0.proj and none of layers.1.proj (which only sees noise)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = Toy(d).eval()
+    delta = torch.randn(d, 6, generator=g) @ torch.randn(6, d, generator=g) / 6 ** 0.5
+    x = torch.randn(n, 2 * d, generator=g)
+    with torch.no_grad():
+        y = model.layers[0]["proj"](x[:, :d]) + x[:, :d] @ delta.T + model.layers[1]["proj"](x[:, d:])
+    y = y + 0.3 * torch.randn(n, d, generator=g)
+    return model, [{"x": x[i:i + 16], "labels": y[i:i + 16]} for i in range(0, n, 16)]

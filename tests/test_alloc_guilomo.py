@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from torch import nn
 from moela.allocators import allocate
 from moela.allocators.guilomo import GSVLinear, PrefixSelect, hypergradient
 
-from tests.helpers import examples, tiny_model
+from tests.helpers import examples, tiny_model, toy_task
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops run faster on one thread
@@ -116,32 +115,6 @@ def test_search_budget_is_met_within_two_percent():
     plan = allocate("guilomo", model, data=examples(24), batch_size=4, max_steps=4, budget="uniform:E=4,r=8")
     target = plan.meta["budget"]["target"]
     assert abs(plan.num_trainable(model) - target) <= 0.02 * target
-
-
-class Toy(nn.Module):
-    """``out = layers.0.proj(x₁) + layers.1.proj(x₂)``, mean squared error."""
-
-    def __init__(self, d: int = 16):
-        super().__init__()
-        self.d = d
-        self.layers = nn.ModuleList([nn.ModuleDict({"proj": nn.Linear(d, d, bias=False)}) for _ in range(2)])
-
-    def forward(self, x, labels):
-        out = self.layers[0]["proj"](x[:, :self.d]) + self.layers[1]["proj"](x[:, self.d:])
-        return SimpleNamespace(loss=((out - labels) ** 2).mean())
-
-
-def toy_task(seed: int, n: int = 640, d: int = 16) -> tuple[Toy, list[dict]]:
-    """Targets need a rank-6 change of layers.0.proj and none of layers.1.proj (which only sees noise)."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = Toy(d).eval()
-    delta = torch.randn(d, 6, generator=g) @ torch.randn(6, d, generator=g) / 6 ** 0.5
-    x = torch.randn(n, 2 * d, generator=g)
-    with torch.no_grad():
-        y = model.layers[0]["proj"](x[:, :d]) + x[:, :d] @ delta.T + model.layers[1]["proj"](x[:, d:])
-    y = y + 0.3 * torch.randn(n, d, generator=g)
-    return model, [{"x": x[i:i + 16], "labels": y[i:i + 16]} for i in range(0, n, 16)]
 
 
 PUBLISHED = dict(estimator="selected", init_scale=1.0, gsv_lr=3e-3, b_std=0.0, rank_leak=0.0, settle=None)

@@ -10,10 +10,11 @@ import moela
 from moela.allocators import allocate
 from moela.plan import AllocationPlan, ModulePlan, layer_index
 
-from tests.test_alloc_guilomo import toy_task
-from tests.test_alloc_static import one_thread  # noqa: F401  (autouse fixture)
+from tests.helpers import toy_task
 
 TOY_BUDGET = 128  # rank 4 in all on two 16 × 16 maps: rank 2 each (uniform) or rank 4 on one (oracle)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops run faster on one thread
 
 
 def distill_loss(plan: AllocationPlan, seed: int) -> float:
