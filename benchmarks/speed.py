@@ -13,10 +13,13 @@ A training step is forward + backward + AdamW step (moela variants add 1e-3 × t
 does). Step times are interleaved over rounds so that machine drift hits every variant alike; the ratio
 columns are medians of per-round ratios. Peak memory is measured in a fresh subprocess per variant over two
 training steps: on CPU the growth of the peak resident set (VmHWM, reset after loading) over the loaded
-model, on CUDA the growth of ``max_memory_allocated``. Generation is greedy ``generate`` with the KV cache, batch 1.
+model, on CUDA the growth of ``max_memory_allocated``. Generation is greedy ``generate`` with the KV cache at each
+batch size of ``--gen-batches`` (default 1 and 8), interleaved over rounds like the steps; its ratio to PEFT is
+the median of per-round ratios of tokens/s.
 
-Run: ``python benchmarks/speed.py`` (about 2 minutes on 2 idle CPU threads; ``--quick`` for a 2-layer smoke run);
-on a GPU: ``python benchmarks/speed.py --device cuda --dtype bfloat16``.
+Run: ``python benchmarks/speed.py`` (about 3 minutes on 2 idle CPU threads; ``--quick`` for a 2-layer smoke run);
+``--dtype bfloat16`` loads the model (and so the adapters; moela's router stays float32) in bf16; on a GPU:
+``python benchmarks/speed.py --device cuda --dtype bfloat16``.
 """
 
 from __future__ import annotations
@@ -112,8 +115,9 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def generate_fn(model, args):
-    prompt = torch.randint(3, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(2)).to(args.device)
+def generate_fn(model, args, batch_size: int = 1):
+    generator = torch.Generator().manual_seed(2)
+    prompt = torch.randint(3, args.vocab, (batch_size, args.prompt), generator=generator).to(args.device)
 
     def run():
         with torch.no_grad():
@@ -168,12 +172,14 @@ def parse(argv: list[str] | None):
     parser.add_argument("--rounds", type=int, default=5, help="timed training steps per variant (interleaved)")
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--gen-batches", default="1,8", help="comma-separated generation batch sizes")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="2 layers, batch 2×128, 2 rounds, 16 new tokens")
     parser.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.gen_batches = [int(b) for b in args.gen_batches.split(",")]
     if args.quick:
         args.layers, args.batch, args.seq, args.rounds, args.new_tokens = 2, 2, 128, 2, 16
     return args
@@ -197,19 +203,21 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in range(args.rounds):
         for name in VARIANTS:
             step_s[name].append(timed(steps[name], args.device))
-    generate_s = {name: [] for name in VARIANTS}
-    gens = {name: generate_fn(model.eval(), args) for name, (model, _) in built.items()}
-    for name in VARIANTS:
-        gens[name]()  # warm-up
-    for _ in range(max(2, args.rounds // 2)):
+    generate_s = {}  # (variant, batch size) -> seconds per round
+    for size in args.gen_batches:
+        gens = {name: generate_fn(model.eval(), args, size) for name, (model, _) in built.items()}
         for name in VARIANTS:
-            generate_s[name].append(timed(gens[name], args.device))
+            gens[name]()  # warm-up
+            generate_s[name, size] = []
+        for _ in range(max(2, args.rounds // 2)):
+            for name in VARIANTS:
+                generate_s[name, size].append(timed(gens[name], args.device))
     memory = {name: memory_in_subprocess(name, argv) for name in VARIANTS}
     report(args, built, step_s, generate_s, memory, (load_before, os.getloadavg()[0]))
     return {"step_s": step_s, "generate_s": generate_s, "memory": memory}
 
 
-def paired(times: dict[str, list[float]], num: str, den: str) -> float:
+def paired(times: dict, num, den) -> float:
     return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
@@ -220,24 +228,29 @@ def report(args, built, step_s, generate_s, memory, load: tuple[float, float]) -
           f"{args.intermediate}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}; 7 projections adapted; "
           f"load average {load[0]:.2f} before, {load[1]:.2f} after")
     print(f"# training step = forward + backward + AdamW on {args.batch}x{args.seq} tokens, best and median of "
-          f"{args.rounds} interleaved rounds, ratios = medians of per-round ratios; generation: greedy, batch 1, "
-          f"{args.prompt}-token prompt, {args.new_tokens} new tokens")
+          f"{args.rounds} interleaved rounds, ratios = medians of per-round ratios; generation: greedy, KV cache, "
+          f"batch {' and '.join(map(str, args.gen_batches))}, {args.prompt}-token prompt, {args.new_tokens} new "
+          f"tokens, tokens/s = batch x new tokens / median time, 'vs peft' = median per-round ratio of tokens/s")
     print(f"# PEFT LoRA rank {built['peft'][0].peft_config['default'].r}; memory: {memory_kind}, growth over the "
           f"loaded model during 2 training steps")
-    header = (f"{'variant':<8} {'trainable':>10} {'best ms':>8} {'step ms':>8} {'vs peft':>8} {'vs loop':>8} "
-              f"{'gen tok/s':>9} {'loaded MiB':>10} {'peak MiB':>9} {'growth MiB':>10} {'vs peft':>8}")
-    print(header)
+    gen_header = "".join(f" {f'gen b{size} tok/s':>14} {'vs peft':>8}" for size in args.gen_batches)
+    print(f"{'variant':<8} {'trainable':>10} {'best ms':>8} {'step ms':>8} {'vs peft':>8} {'vs loop':>8}{gen_header} "
+          f"{'loaded MiB':>10} {'peak MiB':>9} {'growth MiB':>10} {'vs peft':>8}")
     for name in VARIANTS:
         mem = memory[name]
-        tokens_per_s = args.new_tokens / statistics.median(generate_s[name])
+        gen = "".join(f" {size * args.new_tokens / statistics.median(generate_s[name, size]):14.1f} "
+                      f"{paired(generate_s, ('peft', size), (name, size)):8.3f}" for size in args.gen_batches)
         print(f"{name:<8} {built[name][1]:>10,} {1e3 * min(step_s[name]):8.1f} "
-              f"{1e3 * statistics.median(step_s[name]):8.1f} {paired(step_s, name, 'peft'):8.3f} {paired(step_s, name, 'loop'):8.3f} {tokens_per_s:9.1f} "
+              f"{1e3 * statistics.median(step_s[name]):8.1f} {paired(step_s, name, 'peft'):8.3f} "
+              f"{paired(step_s, name, 'loop'):8.3f}{gen} "
               f"{mem['loaded_mib']:10.1f} {mem['peak_mib']:9.1f} {mem['growth_mib']:10.1f} "
               f"{mem['growth_mib'] / memory['peft']['growth_mib']:8.3f}")
+    generation = ", ".join(f"batch {size} {paired(generate_s, ('peft', size), ('uniform', size)):.3f}"
+                           for size in args.gen_batches)
     print(f"uniform step / peft = {paired(step_s, 'uniform', 'peft'):.3f} (target <= 1.15 CPU, 1.1 GPU); "
           f"loop / uniform = {paired(step_s, 'loop', 'uniform'):.3f} (target >= 1.5 CPU, 3 GPU); "
           f"uniform memory growth / peft = {memory['uniform']['growth_mib'] / memory['peft']['growth_mib']:.3f} "
-          f"(target <= 1.15)")
+          f"(target <= 1.15, 1.10 bf16); uniform generation tokens/s / peft: {generation} (target >= 1)")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ two GEMMs like a single LoRA of rank R, whatever the number of experts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,16 +26,44 @@ def linear_dims(base: nn.Module) -> tuple[int, int]:
     raise TypeError(f"{type(base).__name__} is not a linear layer (nn.Linear or transformers Conv1D)")
 
 
-@dataclass
 class RouterStats:
     """What the balance loss and the routing statistics need from the last forward.
 
     ``logits``: (..., E + M) router logits (float32, in the autograd graph); ``selected``: (..., E + M) bool,
-    the experts (real and null) each token was routed to.
+    the experts (real and null) each token was routed to. ``selected`` is given, or built on first access from
+    the ``indices`` (…, k) of the slots the router considered and which of them were ``chosen`` (…, k bool;
+    None: all), so that a forward whose statistics nobody reads does not build it.
     """
 
+    __slots__ = ("logits", "_selected", "_indices", "_chosen")
+
+    def __init__(self, logits: torch.Tensor, selected: torch.Tensor | None = None,
+                 indices: torch.Tensor | None = None, chosen: torch.Tensor | None = None):
+        if (selected is None) == (indices is None):
+            raise ValueError("RouterStats takes either selected or indices")
+        self.logits, self._selected, self._indices, self._chosen = logits, selected, indices, chosen
+
+    @property
+    def selected(self) -> torch.Tensor:
+        if self._selected is None:
+            chosen = True if self._chosen is None else self._chosen
+            self._selected = torch.zeros_like(self.logits, dtype=torch.bool).scatter_(-1, self._indices, chosen)
+        return self._selected
+
+
+class Routing(NamedTuple):
+    """One forward's routing. ``logits``: (…, E+M) float32; ``indices``: (…, k) the slots considered, best first
+    (the top-k, or all E+M sorted for top-p); ``weights``: (…, k) their gates ĝ (0 for null experts and for
+    slots not chosen); ``chosen``: (…, k) bool, which of ``indices`` were selected (None: all of them)."""
+
     logits: torch.Tensor
-    selected: torch.Tensor
+    indices: torch.Tensor
+    weights: torch.Tensor
+    chosen: torch.Tensor | None
+
+    def gates(self) -> torch.Tensor:
+        """Dense gates (…, E+M): ĝ_i of the selected real experts, 0 elsewhere."""
+        return torch.zeros_like(self.logits).scatter_(-1, self.indices, self.weights)
 
 
 class LoraMoELinear(nn.Module):
@@ -113,15 +141,18 @@ class LoraMoELinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.d_in, rank_total, bias=False, **factory)
         self.lora_B = nn.Linear(rank_total, self.d_out, bias=False, **factory)
-        self.router = Router(self.d_in, self.num_slots, bias=False, device=weight.device,
-                             dtype=torch.float32) if self.routed else None
+        self.router = Router(self.d_in, self.num_slots, device=weight.device) if self.routed else None
 
         scales = [alpha / (r if scaling == "lora" else math.sqrt(r)) for r in self.ranks]
         owner = torch.repeat_interleave(torch.arange(self.num_experts), torch.tensor(self.ranks))
-        # c(j): the expert that owns rank column j, and s_{c(j)}, the scale of that column.
+        column_scale = torch.tensor(scales, dtype=torch.float32)[owner]
+        # c(j): the expert that owns rank column j, s_{c(j)} the scale of that column, and the (E+M) × R map
+        # from slot gates to column gates (s_{c(j)} in row c(j) of column j; null experts' rows are zero).
+        column_map = torch.zeros(self.num_slots, rank_total).index_put_((owner, torch.arange(rank_total)),
+                                                                      column_scale)
         self.register_buffer("column_expert", owner.to(weight.device), persistent=False)
-        self.register_buffer("column_scale", torch.tensor(scales, dtype=torch.float32)[owner].to(weight.device),
-                             persistent=False)
+        self.register_buffer("column_scale", column_scale.to(weight.device), persistent=False)
+        self.register_buffer("column_map", column_map.to(weight.device), persistent=False)
         self.reset_parameters()
 
     @property
@@ -143,46 +174,58 @@ class LoraMoELinear(nn.Module):
             bounds.append(bounds[-1] + r)
         return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router logits (…, E+M), selection mask (…, E+M) and renormalised real-expert gates ĝ (…, E)."""
+    def route(self, x: torch.Tensor) -> Routing:
+        """The router's choice for every token of ``x`` (a router is required)."""
         logits = self.router(x)
-        # Renormalising p over a selected set S equals a softmax of the logits restricted to S (real experts).
         if self.top_p is None:
-            top_logits, top_idx = logits.topk(self.top_k, dim=-1)
-            selected = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top_idx, True)
-            if not self.num_null:  # fast path: softmax over the k chosen logits only
-                return logits, selected, torch.zeros_like(logits).scatter(-1, top_idx, top_logits.softmax(-1))
+            top, indices = logits.topk(self.top_k, dim=-1)
+            chosen = None
         else:
-            probs = logits.softmax(-1)
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            mass_before = sorted_p.cumsum(-1) - sorted_p
-            keep = (mass_before < self.top_p)
-            keep[..., self.max_k:] = False
-            selected = torch.zeros_like(keep).scatter_(-1, order, keep)
-        real = selected[..., :self.num_experts]
-        masked = logits[..., :self.num_experts].masked_fill(~real, float("-inf"))
-        gates = masked.softmax(-1).nan_to_num(0.0)  # a token routed to null experts only gets all-zero gates
-        return logits, selected, gates
+            top, indices = logits.sort(dim=-1, descending=True)
+            probs = top.softmax(-1)
+            chosen = probs.cumsum(-1) - probs < self.top_p  # the probability mass before each slot
+            chosen[..., self.max_k:] = False
+        counted = chosen  # the slots whose gate is nonzero: chosen real experts
+        if self.num_null:
+            real = indices < self.num_experts
+            counted = real if chosen is None else chosen & real
+        # Renormalising p over a selected set equals a softmax of the logits restricted to it.
+        if counted is None:
+            return Routing(logits, indices, top.softmax(-1), chosen)
+        weights = top.masked_fill(~counted, float("-inf")).softmax(-1).nan_to_num(0.0)  # no real expert: all 0
+        return Routing(logits, indices, weights, chosen)
 
     def column_gates(self, x: torch.Tensor) -> torch.Tensor:
-        """``ĝ_{c(j)} · s_{c(j)}`` for every rank column j: (…, R), or (R,) when there is no router."""
+        """``ĝ_{c(j)} · s_{c(j)}`` for every rank column j: (…, R), or (R,) when there is no router. Records
+        ``last_stats``."""
         if not self.routed:
-            self.last_stats = None
+            self._record(None)
             return self.column_scale
-        logits, selected, gates = self.route(x)
-        self.last_stats = RouterStats(logits, selected)
-        return gates.index_select(-1, self.column_expert) * self.column_scale
+        logits, indices, weights, chosen = self.route(x)
+        self._record(RouterStats(logits, indices=indices, chosen=chosen))
+        gates = torch.zeros_like(logits).scatter_(-1, indices, weights)
+        column_map = self.column_map
+        return gates @ (column_map if column_map.dtype == gates.dtype else column_map.to(gates.dtype))
+
+    def _record(self, stats: RouterStats | None) -> None:
+        # A plain attribute: skip nn.Module.__setattr__'s parameter/module/buffer bookkeeping (every forward).
+        object.__setattr__(self, "last_stats", stats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.disabled:
             return y
-        x = self.dropout(x)
-        dtype = self.lora_A.weight.dtype
+        if self.training:  # dropout is the identity in evaluation: skip the call
+            x = self.dropout(x)
+        lora_A = self.lora_A
+        dtype = lora_A.weight.dtype
         # Under autocast, lora_A casts for itself (to the autocast dtype); else the adapter reads its own dtype.
-        h = self.lora_A(x if x.dtype == dtype or torch.is_autocast_enabled(x.device.type) else x.to(dtype))
-        h = h * self.column_gates(x).to(h.dtype)
-        delta = self.lora_B(h).to(y.dtype)
+        h = lora_A(x if x.dtype == dtype or torch.is_autocast_enabled(x.device.type) else x.to(dtype))
+        gates = self.column_gates(x)
+        h = h * (gates if gates.dtype == h.dtype else gates.to(h.dtype))
+        delta = self.lora_B(h)
+        if delta.dtype != y.dtype:
+            delta = delta.to(y.dtype)
         aux = self._auxiliary_loss() if self.training else None
         return y + delta if aux is None else _AddAuxiliaryLoss.apply(y, delta, aux)
 
@@ -252,20 +295,22 @@ class _AddAuxiliaryLoss(torch.autograd.Function):
 
 
 class Router(nn.Linear):
-    """The linear router ``G``: computes in its own (float32) precision, whatever the input dtype and autocast.
+    """The bias-free linear router ``G``: computes in its own (float32) precision, whatever the input dtype and
+    the autocast state.
 
     Always called as a module, so hook-based sharding (DeepSpeed ZeRO-3, FSDP) gathers its weight first.
     Under ``torch.autocast`` it opts out of autocast, so the logits stay float32 (METHODS.md §2.1).
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
-                return self._logits(x)
-        return self._logits(x)
+    def __init__(self, in_features: int, out_features: int, device: torch.device | None = None):
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=torch.float32)
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) if x.dtype == self.weight.dtype else _UpcastLinear.apply(x, self.weight)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if not torch.is_autocast_enabled(x.device.type):
+            return F.linear(x, weight) if x.dtype == weight.dtype else _UpcastLinear.apply(x, weight)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x, weight) if x.dtype == weight.dtype else _UpcastLinear.apply(x, weight)
 
 
 class _UpcastLinear(torch.autograd.Function):

@@ -70,6 +70,16 @@ def loop_forward(layer: LoraMoELinear, x: torch.Tensor, gates: torch.Tensor | No
     return out.reshape(*shape[:-1], -1)
 
 
+class ReferenceLoraMoELinear(LoraMoELinear):
+    """A :class:`LoraMoELinear` computed by the literal definitions, for any routing: :func:`reference_gates`
+    and :func:`loop_forward` (slow; the oracle of the packed layer in whole models, e.g. in generation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.base_layer(x)
+        return loop_forward(self, x, reference_gates(self, x.reshape(-1, x.shape[-1])) if self.routed else None)
+
+
 class LoopLoraMoELinear(LoraMoELinear):
     """A :class:`LoraMoELinear` computed by :func:`loop_forward` with :func:`topk_gates` routing (the
     benchmarks' per-expert loop baseline). It keeps ``last_stats``, so the balance loss works as usual."""
