@@ -94,7 +94,7 @@ def read_raw(source: str | Path, split: str | None = None) -> tuple[list[Any], s
                 line = _decode_line(path, number, raw)
                 if not line.strip():
                     continue
-                rows.append((number, parse_json(line, f"{path}: line {number}")))
+                rows.append((number, parse_json(line, f"{path}: line {number}", add_line=False)))
         return rows, "line"
     if suffix in (".tsv", ".txt") and path.is_file():
         rows = []

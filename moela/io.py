@@ -197,13 +197,14 @@ def decode_text(path: Path, raw: bytes) -> str:
         raise ValueError(f"{path}: line {line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
-def parse_json(text: str, where: str) -> Any:
-    """``json.loads(text)``; ValueError starting with ``where`` (the file, or the file and line) when the text
-    is not JSON, is nested too deeply, or holds an integer too long to read."""
+def parse_json(text: str, where: str, *, add_line: bool = True) -> Any:
+    """``json.loads(text)``; ValueError starting with ``where`` (the file, or the file and line; ``add_line``:
+    add the line of a syntax error) when the text is not JSON, is nested too deeply, or holds an integer too long
+    to read."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        line = f": line {err.lineno}" if "line" not in where else ""
+        line = f": line {err.lineno}" if add_line else ""
         raise ValueError(f"{where}{line}: not valid JSON ({err.msg})") from None
     except RecursionError:
         raise ValueError(f"{where}: JSON nested too deeply to read") from None
