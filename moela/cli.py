@@ -57,22 +57,23 @@ def cmd_run(ns) -> None:
         for plan, model in pipeline.plan_only(settings, meta=True, model_config=ns.model_config):
             print_plan(plan, model)
         return
-    if len(settings.methods) > 1:
-        demo = None
-        if is_demo(ns):
-            from . import demo
+    demo = None
+    if is_demo(ns):  # the built-in demo says what it runs, and afterwards what to do next
+        from . import demo
 
-            print(demo.introduction(settings), flush=True)
+        print(demo.introduction(settings), flush=True)
+    if len(settings.methods) > 1:
         pipeline.compare(settings, overwrite=ns.overwrite, resume=ns.resume)
-        if demo is not None:
-            print(demo.next_steps(settings))
-        return
-    row = pipeline.run(settings, overwrite=ns.overwrite, resume=ns.resume)
-    if row is not None:  # the main process
+    else:
+        row = pipeline.run(settings, overwrite=ns.overwrite, resume=ns.resume)
+        if row is None:  # not the main process
+            return
         from .report import metrics_table
 
         print(metrics_table([row]))
         print(f"\nreport: {Path(settings.output_dir) / 'report.md'}")
+    if demo is not None:
+        print(demo.next_steps(settings))
 
 
 def cmd_compare(ns) -> None:

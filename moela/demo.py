@@ -140,7 +140,7 @@ def introduction(settings: Any) -> str:
                  "(±2%);\n" + f"{pad}they differ in where they put them and how many they use per token")
     steps = f"{train.max_steps} steps" if train.max_steps > 0 else f"{train.epochs:g} epochs"
     lines.append(f"  then    train each for {steps} (lr {train.lr:g}, seed {train.seed}), measure accuracy on the "
-                 f"test examples\n{pad}→ {settings.output_dir}/report.md; about 3 minutes on 2 CPU cores")
+                 f"test examples\n{pad}→ {settings.output_dir}/report.md; a few minutes on 2 idle CPU cores")
     return "\n".join(lines) + "\n"
 
 
@@ -151,12 +151,14 @@ def next_steps(settings: Any) -> str:
     return "\n".join([
         "",
         "How to read it: each row is one method at the same budget; accuracy is on the test examples, next to the",
-        "majority-class rate (what always answering the most frequent label scores); ⚠ flags a method that",
-        "learned nothing measurable. Differences within the sampling interval above are noise.",
+        "majority-class rate (what always answering the most frequent label scores); ⚠ marks a task a method",
+        "did not learn (one answer to every example, or not above the majority class). A spread within the",
+        "sampling interval above is noise; with one seed, so may be a larger one.",
         "",
         "Next:",
         f"  look      {out}/report.md (baselines, what the table says, where each method put its experts)",
-        f"            moela plan show {out}/{methods[-1]} --plot {methods[-1]}.png",
+        f"            moela plan show {out}/{methods[-1]} --plot {methods[-1]}.png" if len(methods) > 1 else
+        f"            moela plan show {out} --plot {methods[0]}.png",
         "  seeds     moela compare --default --seeds 0,1,2 --output-dir runs/demo-seeds   (mean ± sd, 3× longer)",
         "  own data  copy configs/minilm-sst2.yaml, point data.train / data.eval at your files (JSON, JSONL or",
         "            TSV), then: moela compare my.yaml --methods " + ",".join(methods),

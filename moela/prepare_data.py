@@ -138,6 +138,13 @@ def llm_adapters(out: str | Path = LLM_ADAPTERS_DIR, source: str | Path | None =
                     continue
                 rows = json.loads(found.read_text(encoding="utf-8"))
                 origin = str(found)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(found, target)  # verbatim
+                manifest["files"][f"{task}/{split}.json"] = {"rows": len(rows), "from": origin}
+                log(f"  {target}: {len(rows):,} rows")
+                if split == "train":
+                    train_files.append(target)
+                continue
             else:
                 if task not in HUB:
                     manifest["missing"][f"{task}/{split}.json"] = "no hub recipe for this task"

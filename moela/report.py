@@ -62,15 +62,19 @@ def _depth(name: str) -> int:
         return _INDEX_FREE
 
 
+def _depth_rows(found: set[int]) -> list[int]:
+    """Every depth from the shallowest to the deepest found (none skipped), after the modules outside blocks."""
+    blocks = found - {_INDEX_FREE}
+    return sorted((found & {_INDEX_FREE}) | (set(range(min(blocks), max(blocks) + 1)) if blocks else set()))
+
+
 # --- allocation heatmap -----------------------------------------------------------------------------------------
 def plan_grid(plan: AllocationPlan, kinds: Sequence[str] | None = None
               ) -> tuple[list[int], list[str], np.ndarray, np.ndarray]:
     """(depths, module types, experts grid, total-rank grid): every depth from the shallowest to the deepest
     planned block; module types in :func:`module_order` (or the given ``kinds``, so that several plans share
     columns); cells of modules not in the plan are NaN; modules outside any block sit on row -1."""
-    found = {_depth(n) for n in plan}
-    blocks = found - {_INDEX_FREE}
-    depths = sorted((found & {_INDEX_FREE}) | (set(range(min(blocks), max(blocks) + 1)) if blocks else set()))
+    depths = _depth_rows({_depth(n) for n in plan})
     kinds = list(kinds) if kinds is not None else module_order(module_type(n) for n in plan)
     experts = np.full((len(depths), len(kinds)), np.nan)
     ranks = np.full_like(experts, np.nan)
@@ -156,7 +160,7 @@ def plot_expert_load(routing: dict[str, Any], path: str | Path, title: str = "ex
     if not routed:
         return None
     kinds = module_order(module_type(n) for n in routed)
-    depths = sorted({_depth(n) for n in routed})
+    depths = _depth_rows({_depth(n) for n in routed})
     width = max(len(m["load"]) for m in routed.values())
     grids = {k: np.full((len(depths), width), np.nan) for k in kinds}
     for name, module in routed.items():
@@ -251,7 +255,9 @@ def warnings_of(metrics: dict[str, Any]) -> dict[str, str]:
         if "majority" not in entry or entry.get("accuracy") is None:
             continue
         if entry["distinct_predictions"] == 1 and entry["n"] > 1:
-            out[task] = f"answered {entry['top_prediction']!r} for all {entry['n']} examples"
+            out[task] = (f"answered {entry['top_prediction']!r} for all {entry['n']} examples"
+                         if entry["top_prediction"] != "(none)" else
+                         f"answered nothing readable for all {entry['n']} examples")
         elif entry["accuracy"] <= entry["majority"] + 1e-9:
             out[task] = (f"{100 * entry['accuracy']:.1f}% is not above the majority-class rate "
                          f"{100 * entry['majority']:.1f}%")
@@ -333,8 +339,11 @@ def metrics_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def sampling_interval(accuracy: float, n: int) -> float:
-    """Half-width of the 95% normal interval of an accuracy measured on ``n`` examples (as a fraction)."""
-    return 1.96 * math.sqrt(max(accuracy * (1 - accuracy), 0.25 / max(n, 1)) / max(n, 1))
+    """Half-width of the 95% normal interval of an accuracy near ``accuracy`` measured on ``n`` examples (as a
+    fraction; the accuracy is kept one example away from 0 and 1, where the normal interval would vanish)."""
+    n = max(n, 1)
+    p = min(max(accuracy, 1 / n), 1 - 1 / n) if n > 1 else 0.5
+    return 1.96 * math.sqrt(p * (1 - p) / n)
 
 
 def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -361,7 +370,7 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
             sd = max(statistics.stdev(r["metrics"]["accuracy"] for r in g) for g in groups.values() if len(g) > 1)
             noise, what = sd * 2, f"twice the largest seed-to-seed standard deviation ({100 * sd:.1f} points)"
         else:
-            noise = sampling_interval(means[best], n) if n else 0.0
+            noise = sampling_interval(statistics.mean(means.values()), n) if n else 0.0
             what = f"the 95% sampling interval of one accuracy on {n} examples (±{100 * noise:.1f} points)"
         verdict = ("within" if spread <= noise else "beyond")
         if spread < 0.0005:
@@ -370,18 +379,27 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
             lines.append(f"Best: {best} {100 * means[best]:.1f}%, worst: {worst} {100 * means[worst]:.1f}%; the "
                          f"{100 * spread:.1f}-point spread is {verdict} {what}"
                          + ("; at this size the methods are not distinguishable." if verdict == "within" else "."))
-    trainable = [statistics.mean(r["trainable"] for r in g) for g in groups.values()]
+    trainable = {m: statistics.mean(r["trainable"] for r in g) for m, g in groups.items()}
     active = {m: statistics.mean(r["active"] for r in g) for m, g in groups.items()}
+    target = next((r["metrics"]["budget"].get("target") for r in rows
+                   if isinstance(r["metrics"].get("budget"), dict)), None)
     if len(groups) > 1:
         low, high = min(active, key=active.get), max(active, key=active.get)
-        lines.append(f"Trainable adapter parameters: {min(trainable):,.0f} to {max(trainable):,.0f} (the same budget); "
-                     f"active per token: {active[low]:,.0f} ({low}) to {active[high]:,.0f} ({high}).")
+        text = f"Trainable adapter parameters: {min(trainable.values()):,.0f} to {max(trainable.values()):,.0f}"
+        if target:
+            off = {m: t / target - 1 for m, t in trainable.items() if abs(t / target - 1) > 0.02}
+            text += f" for a budget of {target:,}" + (
+                " (" + ", ".join(f"{m} {100 * abs(d):.1f}% {'under' if d < 0 else 'over'} it"
+                                 for m, d in off.items()) + ")" if off else
+                " (all within ±2%)")
+        lines.append(f"{text}; active per token: {active[low]:,.0f} ({low}) to {active[high]:,.0f} ({high}).")
     for method, group in groups.items():
         brief = "; ".join(dict.fromkeys(b for r in group if (b := flagged_briefly(r["metrics"]))))
         if brief:
             lines.append(f"⚠ {method}: {brief}.")
     if seeds == 1:
-        lines.append("One seed only: seed-to-seed variation is not measured (moela compare … --seeds 0,1,2).")
+        lines.append("One seed only: seed-to-seed variation is not measured, and it can exceed the sampling "
+                     "interval (moela compare … --seeds 0,1,2).")
     return lines
 
 
@@ -484,6 +502,21 @@ def describe_tasks(rows: Sequence[dict[str, Any]]) -> list[str]:
     return out
 
 
+def next_steps(out_dir: str | Path, rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown lines: what to run after a comparison."""
+    methods = list(_groups(rows))
+    seeds = max((len(g) for g in _groups(rows).values()), default=1)
+    lines = [f"One method's plan, module by module: `moela plan show {Path(out_dir) / methods[-1]}`."]
+    if seeds == 1:
+        lines.append("Seed-to-seed spread: run the same comparison with `--seeds 0,1,2` (mean ± sd per method).")
+    more = ",".join(dict.fromkeys(methods + ["mola", "alphalora"]))
+    lines += [f"Other allocators at the same budget: `--methods {more}`; a larger "
+              "or smaller budget: `adapter.budget=uniform:E=8,r=8`.",
+              "Your own data or model: a config like those in `configs/` (each says which data layout it expects; "
+              "`moela data` prepares the LLM-Adapters and ScienceQA ones)."]
+    return lines
+
+
 def write_compare_report(out_dir: str | Path, rows: Sequence[dict[str, Any]], budget: Any,
                          about: Sequence[str] = ()) -> Path:
     """``report.md`` of a comparison: what was compared (``about``: lines describing it), the table, what it
@@ -496,6 +529,7 @@ def write_compare_report(out_dir: str | Path, rows: Sequence[dict[str, Any]], bu
     tasks = describe_tasks(rows)
     if tasks:
         lines += ["## Tasks", ""] + tasks + [""]
+    lines += ["## What to try next", ""] + [f"- {line}" for line in next_steps(out_dir, rows)] + [""]
     for method, group in _groups(rows).items():
         lines += [f"## {method}", ""]
         for row in group:

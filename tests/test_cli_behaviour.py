@@ -82,3 +82,20 @@ def test_dry_run_offline_with_a_local_config_and_the_hint_without(tmp_path, tiny
     assert "budget:" in capsys.readouterr().out
     assert main(["allocate", str(config), hub, "--dry-run", "--model-config", str(tiny_lm)]) == 0
     assert "total trainable parameters" in capsys.readouterr().out
+
+
+def test_compare_with_several_seeds_reports_mean_and_spread(tmp_path, tiny_lm, capsys):
+    config = lm_config(tmp_path, tiny_lm, train={"max_steps": 1}, eval={"max_new_tokens": 1})
+    assert main(["compare", str(config), "--methods", "lora,uniform", "--seeds", "0,1",
+                 "adapter.budget=uniform:E=2,r=2"]) == 0
+    out = tmp_path / "run"
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [(r["method"], r["seed"]) for r in rows] == [("lora", 0), ("lora", 1), ("uniform", 0), ("uniform", 1)]
+    assert all((out / m / f"seed-{s}" / "FINISHED").is_file() for m in ("lora", "uniform") for s in (0, 1))
+    report = (out / "report.md").read_text()
+    assert "| method | seeds |" in report and "| lora | 0,1 |" in report and "seed(s): 0, 1" in report
+    assert "lora/seed-0/plan.png" in report
+    printed = capsys.readouterr().out
+    assert "[lora seed 1] accuracy" in printed
+    assert main(["plan", "show", str(out)]) == 0
+    assert str(out / "uniform" / "seed-1") in capsys.readouterr().out

@@ -57,6 +57,8 @@ def test_baselines_and_the_degenerate_flag():
     numeric = metrics_of(rows_of(["5.0", "3.0", "5.0"], ["5", None, None]), "generation")
     assert numeric["tasks"]["t"]["chance"] is None and numeric["baseline"]["chance"] is None
     assert numeric["tasks"]["t"]["majority"] == pytest.approx(2 / 3)
+    unread = metrics_of(rows_of(["true", "false"], [None, None]), "generation")
+    assert warnings_of(unread)["t"] == "answered nothing readable for all 2 examples"
     choices = [{"choices": ["a", "b"]}, {"choices": ["a", "b", "c", "d"]}]
     mc = metrics_of(rows_of([0, 1], [0, 0]), "multiple_choice", choices)
     assert mc["tasks"]["t"]["chance"] == pytest.approx((1 / 2 + 1 / 4) / 2)
