@@ -211,9 +211,10 @@ def train(model: nn.Module, features: Sequence[dict], pad_token_id: int, cfg: Tr
     args = training_arguments(cfg, output_dir, len(features))
     trainer = MoelaTrainer(model=model, args=args, train_dataset=list(features),
                            data_collator=Collator(pad_token_id, keep_task=False))
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
-        warnings.warn("accelerate does not shard CPU processes: this FSDP config trains as plain data parallelism "
-                      "(DDP)")
+    requested = [name for name in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{name}", "") == "true"]
+    if requested and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        warnings.warn(f"accelerate does not shard CPU processes: this {requested[0]} config trains as plain data "
+                      f"parallelism (DDP)")
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     if not args.disable_tqdm:

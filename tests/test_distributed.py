@@ -16,10 +16,12 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+import moela
 from moela.allocators import allocate
 from moela.cli import main
-from tests.helpers import tiny_model
-from tests.helpers import lm_config, save_tiny
+from moela.settings import TrainSettings
+from moela.train import train
+from tests.helpers import examples, lm_config, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,6 +131,16 @@ def test_fsdp2_run_and_resume_match_one_process(tmp_path, one_process):
     history = json.loads((resumed / "train_log.json").read_text())["log_history"]
     assert history[0]["mark"] == "from checkpoint-2" and history[-1]["step"] == 4
     assert_same_adapter(two, resumed, atol=1e-6)
+
+
+def test_a_sharded_config_that_accelerate_trains_as_ddp_is_named(tmp_path, monkeypatch):
+    """accelerate leaves CPU processes unsharded under an FSDP config: moela says so."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    model = tiny_model("llama")
+    moela.inject(model, moela.AllocationPlan.uniform(model, ["q_proj"], experts=2, rank=2), dropout=0.0)
+    with pytest.warns(UserWarning, match="accelerate does not shard CPU processes: this FSDP config trains as plain"):
+        result = train(model, examples(4), 0, TrainSettings(max_steps=1, batch_size=2, progress=False), tmp_path)
+    assert result["sharded"] is False
 
 
 @pytest.mark.parametrize("stage", [2, 3])
