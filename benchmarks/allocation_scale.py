@@ -11,8 +11,8 @@ ids of ``--seq`` tokens, all seven projections of every block as targets, then `
 Time is wall-clock around ``moela.allocate``; memory the growth of the peak resident set (VmHWM, reset after
 the model is built, glibc mapping every block ≥ 64 KiB on its own) over the built model.
 
-Extrapolation (``cost = a + L·b``, fitted per method on the 1- and 2-block runs of the same N or S): ``b`` is one
-block's cost, ``a`` the rest (embedding, norm, 32000-word head, allocator bookkeeping). A Llama-2-7B block has
+Extrapolation (``cost = a + L·b``, fitted per method on the 1- and 2-block runs of the same N or S): ``b`` is
+one block's cost, ``a`` the rest (embedding, norm, 32000-word head, allocator bookkeeping). A Llama-2-7B block has
 P₇ = 4·4096² + 3·4096·11008 = 202 M weights; a Llama-2-70B block (hidden 8192, 8 KV heads, intermediate 28672)
 P₇₀ = 2·8192² + 2·8192·1024 + 3·8192·28672 = 856 M, 4.24 × P₇: matmul work per token grows with the weights, so
     time(7B)  ≈ a + 32·b,        time(70B) ≈ 2·a + 80·4.24·b     (the head's work doubles with the width);
@@ -46,8 +46,8 @@ P70 = 2 * 8192**2 + 2 * 8192 * 1024 + 3 * 8192 * 28672
 def build(width: float, layers: int) -> transformers.LlamaForCausalLM:
     torch.manual_seed(0)
     hidden = int(4096 * width) // 32 * 32
-    config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=int(11008 * width), num_hidden_layers=layers,
-                                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+    config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=int(11008 * width),
+                                      num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
                                       max_position_embeddings=4096)
     return transformers.LlamaForCausalLM(config).eval()
 
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     load_before = os.getloadavg()[0]
     runs = []
-    plan = [("sensitivity", int(n)) for n in args.examples.split(",")] + [("guilomo", int(s)) for s in args.steps.split(",")]
+    plan = [("sensitivity", int(n)) for n in args.examples.split(",")] + \
+        [("guilomo", int(s)) for s in args.steps.split(",")]
     for method, amount in plan:
         for layers in (1, 2):
             row = {"method": method, "amount": amount, "layers": layers, "width": args.width,

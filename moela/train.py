@@ -9,7 +9,8 @@ training before the optimizer step, naming the step; the checkpoints written so 
 
 Under ``accelerate launch`` or ``torchrun`` the Trainer trains data-parallel (DDP, FSDP or DeepSpeed, as the
 launcher configures it); only the main process writes files, and under FSDP/DeepSpeed the adapter is read
-from the gathered full state dict.
+from the gathered full state dict. Under FSDP a checkpoint holds the gathered optimizer state, not the whole
+model, and resuming loads the adapter before FSDP shards the model.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from typing import Any, Sequence
 
 import torch
 import transformers
-from torch import nn
 from accelerate.utils import save_fsdp_optimizer
+from torch import nn
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
@@ -141,7 +142,8 @@ class MoelaTrainer(transformers.Trainer):
         """The Trainer's; under FSDP a checkpoint's adapter is loaded before FSDP shards the model (the Trainer
         loads it after, into parameters that are then shards)."""
         if resume_from_checkpoint and self.is_fsdp_enabled:
-            path = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
+            path = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else \
+                resume_from_checkpoint
             if path:
                 self._load_from_checkpoint(path)
                 self._adapter_loaded = True
