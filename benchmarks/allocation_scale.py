@@ -47,8 +47,8 @@ def build(width: float, layers: int) -> transformers.LlamaForCausalLM:
     torch.manual_seed(0)
     hidden = int(4096 * width) // 32 * 32
     config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=int(11008 * width),
-                                      num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                                      max_position_embeddings=4096)
+                                      num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=32,
+                                      vocab_size=32000, max_position_embeddings=4096)
     return transformers.LlamaForCausalLM(config).eval()
 
 
