@@ -14,8 +14,8 @@ the model is built, glibc mapping every block ≥ 64 KiB on its own) over the bu
 Extrapolation (``cost = a + L·b``, fitted per method on the 1- and 2-block runs of the same N or S): ``b`` is
 one block's cost, ``a`` the rest (embedding, norm, 32000-word head, allocator bookkeeping). A Llama-2-7B block has
 P₇ = 4·4096² + 3·4096·11008 = 202 M weights; a Llama-2-70B block (hidden 8192, 8 KV heads, intermediate 28672)
-P₇₀ = 2·8192² + 2·8192·1024 + 3·8192·28672 = 856 M, 4.24 × P₇: matmul work per token grows with the weights, so
-    time(7B)  ≈ a + 32·b,        time(70B) ≈ 2·a + 80·4.24·b     (the head's work doubles with the width);
+P₇₀ = 2·8192² + 2·8192·1024 + 3·8192·28672 = 856 M, 4.23 × P₇: matmul work per token grows with the weights, so
+    time(7B)  ≈ a + 32·b,        time(70B) ≈ 2·a + 80·4.23·b     (the head's work doubles with the width);
     memory(7B) ≈ a_m + 32·b_m,   memory(70B) ≈ 2·a_m + 80·2·b_m  (activations grow with the width, 8192/4096),
 per N examples (probe) or S steps (search) of ``--seq`` tokens; time is linear in N·seq (or S·seq) at short
 sequences. The base weights themselves (7B: 27 GB float32, 13.5 GB bf16) come on top of the memory figures.
