@@ -103,6 +103,8 @@ class TrainSettings:
     precision: str = setting("auto", "auto (bf16 on a GPU that has it), fp32, bf16 or fp16",
                              choices=("auto", "fp32", "bf16", "fp16"))
     gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
+    compile: bool = setting(False, "compile the model for training with torch.compile (inductor; on CPU it needs a "
+                                   "C++ compiler); the first steps are slower while it compiles")
     progress: bool = setting(True, "show a progress bar")
     report_to: Any = setting("none", "trackers the Trainer logs to: none, all, tensorboard, wandb, mlflow, … "
                                      "(a name or a list; the tracker's package must be installed)")

@@ -9,7 +9,8 @@ training before the optimizer step, naming the step; the checkpoints written so 
 
 Under ``accelerate launch`` or ``torchrun`` the Trainer trains data-parallel (DDP, FSDP or DeepSpeed, as the
 launcher configures it); only the main process writes files, and under FSDP/DeepSpeed the adapter is read
-from the gathered full state dict.
+from the gathered full state dict. Under FSDP a checkpoint holds the gathered optimizer state, not the whole
+model, and resuming loads the adapter before FSDP shards the model.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ import dataclasses
 import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import transformers
+from accelerate.utils import save_fsdp_optimizer
 from torch import nn
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
@@ -53,6 +57,7 @@ class MoelaTrainer(transformers.Trainer):
         super().__init__(*args, **kwargs)
         self._balance_sum, self._balance_count = 0.0, 0
         self._staging: str | None = None
+        self._adapter_loaded = False  # under FSDP, by train() before sharding
         self.layers = [layer for _, layer in moela_layers(self.model) if layer.routed]
         for layer in self.layers:
             layer.balance_coef /= self.args.gradient_accumulation_steps
@@ -123,7 +128,30 @@ class MoelaTrainer(transformers.Trainer):
             save_adapter(self.accelerator.unwrap_model(self.model), Path(output_dir) / "adapter", state_dict or None)
             torch.save(self.args, os.path.join(output_dir, transformers.trainer.TRAINING_ARGS_NAME))
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """The Trainer's, except that under FSDP only the optimizer and scheduler are written: the Trainer would
+        also write the whole model (``pytorch_model_fsdp.bin``, base weights included) into every checkpoint."""
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model,
+                            output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, transformers.trainer.SCHEDULER_NAME))
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """The Trainer's; under FSDP a checkpoint's adapter is loaded before FSDP shards the model (the Trainer
+        loads it after, into parameters that are then shards)."""
+        if resume_from_checkpoint and self.is_fsdp_enabled:
+            path = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else \
+                resume_from_checkpoint
+            if path:
+                self._load_from_checkpoint(path)
+                self._adapter_loaded = True
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if self._adapter_loaded:
+            return
         adapter = Path(resume_from_checkpoint) / "adapter"
         if not adapter.is_dir():
             raise ValueError(f"{resume_from_checkpoint}: not a moela checkpoint (no adapter folder)")
@@ -134,7 +162,7 @@ class MoelaTrainer(transformers.Trainer):
 OWN_ARGUMENTS = ("output_dir", "num_train_epochs", "max_steps", "per_device_train_batch_size",
                  "gradient_accumulation_steps", "learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps",
                  "seed", "data_seed", "logging_steps", "save_strategy", "save_steps", "save_total_limit", "report_to",
-                 "bf16", "fp16", "remove_unused_columns", "disable_tqdm", "use_cpu")
+                 "bf16", "fp16", "remove_unused_columns", "disable_tqdm", "use_cpu", "torch_compile")
 
 
 def check_trainer_args(extra: dict[str, Any]) -> None:
@@ -170,7 +198,8 @@ def training_arguments(cfg: TrainSettings, output_dir: str | Path, num_examples:
         warmup_steps=int(round(cfg.warmup_ratio * total)), optim="adamw_torch", seed=cfg.seed,
         data_seed=cfg.seed, logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500, save_total_limit=cfg.save_total_limit, report_to=cfg.report_to,
-        bf16=bf16, fp16=fp16, remove_unused_columns=False, disable_tqdm=not cfg.progress, use_cpu=not cuda, **extra)
+        bf16=bf16, fp16=fp16, remove_unused_columns=False, disable_tqdm=not cfg.progress, use_cpu=not cuda,
+        torch_compile=cfg.compile, **extra)
 
 
 def train(model: nn.Module, features: Sequence[dict], pad_token_id: int, cfg: TrainSettings,
@@ -184,6 +213,10 @@ def train(model: nn.Module, features: Sequence[dict], pad_token_id: int, cfg: Tr
     args = training_arguments(cfg, output_dir, len(features))
     trainer = MoelaTrainer(model=model, args=args, train_dataset=list(features),
                            data_collator=Collator(pad_token_id, keep_task=False))
+    requested = [name for name in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{name}", "") == "true"]
+    if requested and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        warnings.warn(f"accelerate does not shard CPU processes: this {requested[0]} config trains as plain data "
+                      f"parallelism (DDP)")
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     if not args.disable_tqdm:
@@ -191,6 +224,8 @@ def train(model: nn.Module, features: Sequence[dict], pad_token_id: int, cfg: Tr
     result = trainer.train(resume_from_checkpoint=resume or None)
     if save_to is not None:
         trainer.save_model(str(save_to))
+    if trainer.is_deepspeed_enabled:  # models loaded later in this process (evaluation) are not ZeRO-3-partitioned
+        unset_hf_deepspeed_config()
     return {"metrics": result.metrics, "log_history": trainer.state.log_history,
             "global_step": trainer.state.global_step,
             "sharded": bool(trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)}
