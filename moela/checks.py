@@ -242,21 +242,22 @@ def check_values(settings: Settings, *, allocation: bool = True, data: bool = Tr
         raise ValueError(f"config key 'data.val_size' must be a fraction below 1 or a whole count, got {data.val_size!r}")
     if train.scheduler not in SCHEDULERS:
         raise ValueError(f"config key 'train.scheduler' must be one of {', '.join(SCHEDULERS)}; got {train.scheduler!r}")
-    if train.precision in ("bf16", "fp16"):
+    if train.precision == "fp16":  # bf16 runs on CPUs too (autocast)
         import torch
 
         if not torch.cuda.is_available():
-            raise ValueError(f"config key 'train.precision': {train.precision} needs a GPU; use fp32 (or auto) on CPU")
+            raise ValueError("config key 'train.precision': fp16 needs a GPU; use bf16, fp32 or auto on CPU")
     tasks = ev.lm_eval_tasks
     if tasks is not None and not all(isinstance(t, str) and t.strip() for t in tasks):
         raise ValueError(f"config key 'eval.lm_eval_tasks' must be a list of task names, got {tasks!r}")
 
 
-def read_task(settings: Settings) -> str:
-    """The model task (``model.task``, or read from the model's config), naming the model when it cannot."""
+def read_task(settings: Settings, model_config: str | Path | None = None) -> str:
+    """The model task (``model.task``, or read from the model's config — ``model_config`` when given), naming
+    the model when it cannot."""
     name = settings.model.name_or_path
     try:
-        return model_task(name, settings.model.task)
+        return model_task(name, settings.model.task, model_config)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"model.name_or_path={name!r}: cannot read the model's config ({first})") from None
@@ -278,11 +279,11 @@ def check_protocol(settings: Settings, task: str) -> None:
             raise ValueError("eval.protocol lm_eval needs lm-evaluation-harness: pip install 'moela[eval]'")
 
 
-def meta_model(settings: Settings, task: str) -> nn.Module:
-    """The base model built from its config on the meta device (no weights read)."""
+def meta_model(settings: Settings, task: str, model_config: str | Path | None = None) -> nn.Module:
+    """The base model built from its config (``model_config`` when given) on the meta device (no weights read)."""
     name = settings.model.name_or_path
     try:
-        return load_model(name, task, num_labels=settings.model.num_labels or 2, meta=True)[0]
+        return load_model(name, task, num_labels=settings.model.num_labels or 2, meta=True, config_file=model_config)[0]
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"model.name_or_path={name!r}: cannot build the model from its config ({first})") from None
@@ -324,17 +325,19 @@ def check_on_meta(settings: Settings, model: nn.Module, options: dict[str, dict[
                                  f"{method} (one expert of rank 1 on each of the {len(names)} target modules)")
 
 
-def preflight(settings: Settings, *, evaluate: bool = True, allocation: bool = True, data: bool = True) -> str:
+def preflight(settings: Settings, *, evaluate: bool = True, allocation: bool = True, data: bool = True,
+              model_config: str | Path | None = None) -> str:
     """Everything checkable before the weights and data are loaded (module docstring); returns the model task.
     ``evaluate``: the run will evaluate (check the protocol); ``allocation``: it will plan and train (check the
-    allocator settings); ``data``: it will read its data files (check they exist)."""
+    allocator settings); ``data``: it will read its data files (check they exist); ``model_config``: a local
+    config.json (or folder) to read the model's config from instead of its own."""
     check_values(settings, allocation=allocation, data=data)
-    task = read_task(settings)
+    task = read_task(settings, model_config)
     if evaluate:
         check_protocol(settings, task)
     if allocation:
         options = check_options(settings)
-        check_on_meta(settings, meta_model(settings, task), options)
+        check_on_meta(settings, meta_model(settings, task, model_config), options)
     return task
 
 

@@ -139,10 +139,11 @@ def make_plan(settings: Settings, model: nn.Module, prepared: Prepared | None, m
                     seed=settings.train.seed, **options_for(method, adapter.options or {}, settings.methods))
 
 
-def check_methods(settings: Settings, evaluate: bool = True, data: bool = True) -> None:
+def check_methods(settings: Settings, evaluate: bool = True, data: bool = True,
+                  model_config: str | Path | None = None) -> None:
     """Before any work: every setting and allocator option, the model's config, the evaluation protocol, a
     trial allocation on the meta device (:func:`moela.checks.preflight`) and ``train.trainer_args``."""
-    checks.preflight(settings, evaluate=evaluate, data=data)
+    checks.preflight(settings, evaluate=evaluate, data=data, model_config=model_config)
     check_trainer_args(settings.train.trainer_args)
 
 
@@ -317,7 +318,7 @@ def plan_only(settings: Settings, *, meta: bool = False,
     (no weights or data read; allocators that need them are refused) from its config (``model_config``: a
     local config.json or folder to read it from instead of the model's own, for hub models offline)."""
     out = []
-    check_methods(settings, evaluate=False, data=False)  # a plan needs data only for data-driven methods
+    check_methods(settings, evaluate=False, data=False, model_config=model_config)  # data: data-driven methods only
     for method in settings.methods:
         if meta:
             if allocator(method).needs_weights:

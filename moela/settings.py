@@ -100,7 +100,7 @@ class TrainSettings:
     save_total_limit: int | None = setting(2, "checkpoints kept", low=1)
     logging_steps: int = setting(10, "log every this many steps", low=1)
     seed: int = setting(0, "seed of allocation, initialisation and data order", low=0, high=2**32 - 1)
-    precision: str = setting("auto", "auto (bf16 on a GPU that has it), fp32, bf16 or fp16",
+    precision: str = setting("auto", "auto (bf16 on a GPU that has it), fp32, bf16 (GPU or CPU autocast) or fp16 (GPU)",
                              choices=("auto", "fp32", "bf16", "fp16"))
     gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
     compile: bool = setting(False, "compile the model for training with torch.compile (inductor; on CPU it needs a "

@@ -185,8 +185,8 @@ def training_arguments(cfg: TrainSettings, output_dir: str | Path, num_examples:
     cuda = torch.cuda.is_available()
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
     fp16 = cfg.precision == "fp16"
-    if (bf16 or fp16) and not cuda:
-        raise ValueError(f"train.precision={cfg.precision!r} needs a GPU; use fp32 (or auto) on CPU")
+    if fp16 and not cuda:
+        raise ValueError("train.precision='fp16' needs a GPU; use bf16, fp32 or auto on CPU")
     check_trainer_args(cfg.trainer_args)
     extra = {"dataloader_num_workers": 0, "ddp_find_unused_parameters": False, **cfg.trainer_args}
     if cfg.gradient_checkpointing:
