@@ -32,37 +32,41 @@ class RouterStats:
     ``logits``: (..., E + M) router logits (float32, in the autograd graph); ``selected``: (..., E + M) bool,
     the experts (real and null) each token was routed to. ``selected`` is given, or built on first access from
     the ``indices`` (…, k) of the slots the router considered and which of them were ``chosen`` (…, k bool;
-    None: all), so that a forward whose statistics nobody reads does not build it.
+    None: all), or, with neither, is every slot; so a forward whose statistics nobody reads does not build it.
     """
 
     __slots__ = ("logits", "_selected", "_indices", "_chosen")
 
     def __init__(self, logits: torch.Tensor, selected: torch.Tensor | None = None,
                  indices: torch.Tensor | None = None, chosen: torch.Tensor | None = None):
-        if (selected is None) == (indices is None):
-            raise ValueError("RouterStats takes either selected or indices")
         self.logits, self._selected, self._indices, self._chosen = logits, selected, indices, chosen
 
     @property
     def selected(self) -> torch.Tensor:
         if self._selected is None:
-            chosen = True if self._chosen is None else self._chosen
-            self._selected = torch.zeros_like(self.logits, dtype=torch.bool).scatter_(-1, self._indices, chosen)
+            if self._indices is None:
+                self._selected = torch.ones_like(self.logits, dtype=torch.bool)
+            else:
+                chosen = True if self._chosen is None else self._chosen
+                self._selected = torch.zeros_like(self.logits, dtype=torch.bool).scatter_(-1, self._indices, chosen)
         return self._selected
 
 
 class Routing(NamedTuple):
     """One forward's routing. ``logits``: (…, E+M) float32; ``indices``: (…, k) the slots considered, best first
-    (the top-k, or all E+M sorted for top-p); ``weights``: (…, k) their gates ĝ (0 for null experts and for
-    slots not chosen); ``chosen``: (…, k) bool, which of ``indices`` were selected (None: all of them)."""
+    (the top-k, or all E+M sorted for top-p), or None for all E+M slots in order; ``weights``: (…, k) their
+    gates ĝ (0 for null experts and for slots not chosen); ``chosen``: (…, k) bool, which of ``indices`` were
+    selected (None: all of them)."""
 
     logits: torch.Tensor
-    indices: torch.Tensor
+    indices: torch.Tensor | None
     weights: torch.Tensor
     chosen: torch.Tensor | None
 
     def gates(self) -> torch.Tensor:
         """Dense gates (…, E+M): ĝ_i of the selected real experts, 0 elsewhere."""
+        if self.indices is None:
+            return self.weights
         return torch.zeros_like(self.logits).scatter_(-1, self.indices, self.weights)
 
 
@@ -177,6 +181,8 @@ class LoraMoELinear(nn.Module):
     def route(self, x: torch.Tensor) -> Routing:
         """The router's choice for every token of ``x`` (a router is required)."""
         logits = self.router(x)
+        if self.top_p is None and self.top_k == self.num_slots and not self.num_null:
+            return Routing(logits, None, logits.softmax(-1), None)  # every expert selected: the full softmax
         if self.top_p is None:
             top, indices = logits.topk(self.top_k, dim=-1)
             chosen = None
@@ -203,7 +209,7 @@ class LoraMoELinear(nn.Module):
             return self.column_scale
         logits, indices, weights, chosen = self.route(x)
         self._record(RouterStats(logits, indices=indices, chosen=chosen))
-        gates = torch.zeros_like(logits).scatter_(-1, indices, weights)
+        gates = weights if indices is None else torch.zeros_like(logits).scatter_(-1, indices, weights)
         column_map = self.column_map
         return gates @ (column_map if column_map.dtype == gates.dtype else column_map.to(gates.dtype))
 

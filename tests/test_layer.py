@@ -322,3 +322,12 @@ def test_greedy_generation_equals_reference(routing, batch_size):
     assert torch.equal(packed.sequences, reference.sequences)
     for step, (a, b) in enumerate(zip(packed.logits, reference.logits)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"step {step}")
+
+
+def test_every_expert_selected_routes_by_the_full_softmax():
+    layer = make_layer(**CASES["top-k = E"])
+    x = inputs()
+    layer(x)
+    assert layer.last_stats.selected.all()
+    torch.testing.assert_close(layer.route(x).gates(), layer.router(x).softmax(-1))
+    torch.testing.assert_close(layer.balance_loss(), torch.tensor(1.0, dtype=torch.float64))  # f_i = 1/E
