@@ -1,8 +1,8 @@
 """``train.compile``: training a compiled model gives the adapter of eager training.
 
 The test compiles with the ``aot_eager`` backend (TorchDynamo graph capture and AOTAutograd's joint forward and
-backward, without code generation): inductor also runs on CPU here (g++), with the same adapter within 1.2e-6
-(benchmarks/compile_speed.py), but compiling even the tiny model's step takes minutes on 2 loaded cores."""
+backward, without code generation). Inductor also runs on CPU here (g++): 3 Trainer steps of the 4-block tiny
+Llama gave the eager adapter within 1.2e-6, but compiling took 8 minutes on the 2 loaded cores."""
 
 from __future__ import annotations
 
