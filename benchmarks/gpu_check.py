@@ -87,12 +87,11 @@ def main(argv: list[str] | None = None) -> int:
              ("training step: moela uniform / PEFT LoRA", f"{step:.3f}", "<= 1.10", judged(step <= 1.10)),
              ("activation memory: moela uniform / PEFT LoRA", f"{memory:.3f}", "<= 1.10", judged(memory <= 1.10))]
 
-    precision = "bf16"
-    demo = ["run", "adapter.method=uniform", f"train.precision={precision}", f"train.max_steps={args.steps}",
+    demo = ["run", "adapter.method=uniform", "train.precision=bf16", f"train.max_steps={args.steps}",
             "train.progress=false", "--overwrite"] + (["data.max_eval_samples=32"] if args.quick else [])
     print("## demo, one process", flush=True)
     seconds, _ = moela(demo + [f"output_dir={out / 'demo'}"])
-    rows.append((f"demo ({precision}, {args.steps} steps): accuracy, seconds", f"{accuracy(out / 'demo'):.3f}, "
+    rows.append((f"demo (bf16, {args.steps} steps): accuracy, seconds", f"{accuracy(out / 'demo'):.3f}, "
                  f"{seconds:.0f}", "runs", True))
     print("## demo under configs/accelerate/fsdp.yaml, one process", flush=True)
     fsdp = ["accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml"),
