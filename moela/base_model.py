@@ -27,6 +27,14 @@ def torch_dtype(name: str | None) -> torch.dtype | str:
     return getattr(torch, name)
 
 
+def check_local(name_or_path: str) -> None:
+    """A name written as a local path (absolute, or starting with ``.`` or ``~``) must exist: ValueError
+    naming it (a moved or deleted base model) instead of a hub lookup."""
+    if (Path(name_or_path).is_absolute() or name_or_path.startswith((".", "~"))) and not Path(name_or_path).exists():
+        raise ValueError(f"base model {name_or_path}: no such folder (moved or deleted? give its new location, e.g. "
+                         "model.name_or_path=... or MoelaModel.from_pretrained(base, adapter))")
+
+
 def read_config(name_or_path: str, config_file: str | os.PathLike | None = None, **extra):
     """The model's config, no weights: from ``config_file`` (a ``config.json`` or the folder holding it) when
     given, else from a local folder or the Hugging Face cache, else from the hub. A ValueError says how to give
@@ -35,6 +43,7 @@ def read_config(name_or_path: str, config_file: str | os.PathLike | None = None,
         if not Path(config_file).exists():
             raise ValueError(f"{config_file}: no such model config (give a config.json or the folder holding it)")
         return transformers.AutoConfig.from_pretrained(str(config_file), **extra)
+    check_local(name_or_path)
     try:
         return transformers.AutoConfig.from_pretrained(name_or_path, local_files_only=True, **extra)
     except OSError:
@@ -97,9 +106,7 @@ def load_model(name_or_path: str, task: str, *, num_labels: int | None = None, d
         config = read_config(name_or_path, config_file, **extra)
         with torch.device("meta"):
             return auto.from_config(config), []
-    if (Path(name_or_path).is_absolute() or name_or_path.startswith((".", "~"))) and not Path(name_or_path).exists():
-        raise ValueError(f"base model {name_or_path}: no such folder (moved or deleted? give its new location, e.g. "
-                         "model.name_or_path=... or MoelaModel.from_pretrained(base, adapter))")
+    check_local(name_or_path)
     model, info = auto.from_pretrained(name_or_path, dtype=torch_dtype(dtype), output_loading_info=True, **extra)
     if model.config.pad_token_id is None and task == "sequence_classification":
         model.config.pad_token_id = 0

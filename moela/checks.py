@@ -289,6 +289,16 @@ def meta_model(settings: Settings, task: str, model_config: str | Path | None = 
         raise ValueError(f"model.name_or_path={name!r}: cannot build the model from its config ({first})") from None
 
 
+def given_plan(settings: Settings, model: nn.Module) -> AllocationPlan:
+    """The plan file ``adapter.plan``, checked against ``model``; ValueError naming the file otherwise."""
+    plan = AllocationPlan.load(settings.adapter.plan)
+    try:
+        plan.validate(model)
+    except ValueError as err:
+        raise ValueError(f"{settings.adapter.plan}: the plan does not fit {settings.model.name_or_path}: {err}") from None
+    return plan
+
+
 def check_on_meta(settings: Settings, model: nn.Module, options: dict[str, dict[str, Any]]) -> None:
     """Targets, budget, ``modules_to_save``, ``adapter.plan`` and a trial allocation of every static method, on
     the meta-device ``model``."""
@@ -300,11 +310,7 @@ def check_on_meta(settings: Settings, model: nn.Module, options: dict[str, dict[
             raise ValueError(f"config key 'adapter.modules_to_save': {type(model).__name__} has no module "
                              f"{module!r}") from None
     if adapter.plan:
-        plan = AllocationPlan.load(adapter.plan)
-        try:
-            plan.validate(model)
-        except ValueError as err:
-            raise ValueError(f"{adapter.plan}: the plan does not fit {settings.model.name_or_path}: {err}") from None
+        given_plan(settings, model)
         return
     try:
         names = find_targets(model, adapter.targets)

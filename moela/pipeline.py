@@ -122,12 +122,7 @@ def make_plan(settings: Settings, model: nn.Module, prepared: Prepared | None, m
     options (and data for data-driven allocators)."""
     adapter = settings.adapter
     if adapter.plan:
-        plan = AllocationPlan.load(adapter.plan)
-        try:
-            plan.validate(model)
-        except ValueError as err:
-            raise ValueError(f"{adapter.plan}: the plan does not fit {settings.model.name_or_path}: {err}") from None
-        return plan
+        return checks.given_plan(settings, model)
     data = None
     if prepared is not None and prepared.train_features:
         sample = prepared.train_features[:adapter.alloc_samples]
