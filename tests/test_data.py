@@ -10,7 +10,7 @@ import torch
 
 from moela import demo
 from moela.data import (Collator, format_prompt, load_records, make_loader, split_validation, task_ids, tokenize)
-from tests.test_pipeline import byte_tokenizer
+from tests.helpers import byte_tokenizer
 
 GOOD = {"instruction": "is it true?\n\nAnswer format: true/false", "input": "", "output": "the correct answer is true",
         "answer": "true"}

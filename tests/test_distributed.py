@@ -1,10 +1,11 @@
-"""Several CPU processes (gloo): ``accelerate launch`` and ``torchrun`` train the adapter of one process at the same
-global batch, and the data-driven allocators give every process the same plan."""
+"""Several CPU processes (gloo): ``accelerate launch`` (DDP and FSDP2) and ``torchrun`` train the adapter of one
+process at the same global batch, and the data-driven allocators give every process the same plan."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,10 +16,12 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+import moela
 from moela.allocators import allocate
 from moela.cli import main
-from tests.conftest import tiny_model
-from tests.test_pipeline import lm_config, save_tiny
+from moela.settings import TrainSettings
+from moela.train import train
+from tests.helpers import examples, lm_config, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,12 +32,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(launcher: list[str], args: list[str]) -> None:
+def launch(launcher: list[str], args: list[str], module: str = "moela.cli", **env: str) -> str:
+    """Run ``module`` (the moela command) under ``launcher``; its stderr."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", *launcher, "-m", "moela.cli", *args], env=env, cwd=ROOT,
+           "OMP_NUM_THREADS": "1", **env}
+    done = subprocess.run([sys.executable, "-m", *launcher, "-m", module, *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stderr
 
 
 def assert_same_adapter(a: Path, b: Path, atol: float) -> None:
@@ -42,11 +47,6 @@ def assert_same_adapter(a: Path, b: Path, atol: float) -> None:
     assert first.keys() == second.keys()
     for key in first:
         torch.testing.assert_close(second[key], first[key], rtol=0, atol=atol, msg=key)
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory) -> Path:
-    return save_tiny(tmp_path_factory.mktemp("lm"), "lm")
 
 
 def two_process_config(tmp_path: Path, model: Path, method: str) -> Path:
@@ -95,6 +95,70 @@ def test_torchrun_train_matches_one_process(tmp_path, one_process):
            ["train", str(config), f"output_dir={two}", "train.batch_size=2"])
     assert_same_adapter(one, two, atol=1e-5)
     assert (two / "FINISHED").is_file() and not (two / "metrics.json").exists()
+
+
+def test_fsdp2_run_and_resume_match_one_process(tmp_path, one_process):
+    """configs/accelerate/fsdp.yaml on 2 CPU processes (tests/sharded_cpu.py: accelerate would otherwise train
+    them as DDP): every transformer block is its own ``fully_shard`` unit; the adapter is that
+    of one process; checkpoints hold the adapter, optimizer and scheduler, not the model; ``--resume`` from the
+    first checkpoint ends with the same adapter."""
+    config, one = one_process
+    two, log = tmp_path / "two", tmp_path / "sharded"
+    fsdp = ["accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml"),
+            "--num_processes", "2"]
+    launch([*fsdp, "--main_process_port", str(free_port())], ["run", str(config), f"output_dir={two}",
+           "train.batch_size=2"], module="tests.sharded_cpu", MOELA_FSDP_LOG=str(log))
+    for rank in (0, 1):  # the blocks, the embedding, the tail [final norm, lm_head], the root
+        assert Path(f"{log}.{rank}").read_text().split() == [
+            "LlamaDecoderLayer", "LlamaDecoderLayer", "Embedding", "list", "LlamaForCausalLM"]
+    assert json.loads((two / "train_log.json").read_text())["sharded"] is True
+    assert_same_adapter(one, two, atol=1e-5)
+    assert (two / "FINISHED").is_file() and (two / "metrics.json").is_file()  # the main process evaluated
+    assert sorted(p.name for p in (two / "checkpoints" / "checkpoint-4").iterdir()) == [
+        "adapter", "optimizer.bin", "rng_state_0.pth", "rng_state_1.pth", "scheduler.pt", "trainer_state.json",
+        "training_args.bin"]
+
+    # a run stopped after its first checkpoint
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two, resumed, ignore=shutil.ignore_patterns("checkpoint-4", "adapter", "FINISHED"))
+    checkpoint = resumed / "checkpoints" / "checkpoint-2"
+    shutil.copytree(two / "checkpoints" / "checkpoint-2" / "adapter", checkpoint / "adapter")
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state["log_history"][0]["mark"] = "from checkpoint-2"  # shows that the resumed run read this state
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    launch([*fsdp, "--main_process_port", str(free_port())], ["train", str(config), f"output_dir={resumed}",
+           "train.batch_size=2", "--resume"], module="tests.sharded_cpu", MOELA_FSDP_LOG=str(log))
+    history = json.loads((resumed / "train_log.json").read_text())["log_history"]
+    assert history[0]["mark"] == "from checkpoint-2" and history[-1]["step"] == 4
+    assert_same_adapter(two, resumed, atol=1e-6)
+
+
+def test_a_sharded_config_that_accelerate_trains_as_ddp_is_named(tmp_path, monkeypatch):
+    """accelerate leaves CPU processes unsharded under an FSDP config: moela says so."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    model = tiny_model("llama")
+    moela.inject(model, moela.AllocationPlan.uniform(model, ["q_proj"], experts=2, rank=2), dropout=0.0)
+    with pytest.warns(UserWarning, match="accelerate does not shard CPU processes: this FSDP config trains as plain"):
+        result = train(model, examples(4), 0, TrainSettings(max_steps=1, batch_size=2, progress=False), tmp_path)
+    assert result["sharded"] is False
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_run_matches_one_process(tmp_path, one_process, stage):
+    """configs/accelerate/deepspeed-zero{2,3}.yaml on 2 CPU processes (DeepSpeed's CPU accelerator over gloo;
+    tests/sharded_cpu.py): the adapter is that of one process, and the main process evaluates it on a fresh,
+    unpartitioned base model. Needs ``pip install deepspeed`` (its CPU communication op is compiled on first use)."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install deepspeed)")
+    config, one = one_process
+    two = tmp_path / "two"
+    launch(["accelerate.commands.launch", "--config_file",
+            str(ROOT / "configs" / "accelerate" / f"deepspeed-zero{stage}.yaml"), "--num_processes", "2",
+            "--mixed_precision", "no", "--main_process_port", str(free_port())],
+           ["run", str(config), f"output_dir={two}", "train.batch_size=2"], module="tests.sharded_cpu",
+           DS_ACCELERATOR="cpu")
+    assert json.loads((two / "train_log.json").read_text())["sharded"] is True
+    assert_same_adapter(one, two, atol=1e-5)
+    assert (two / "FINISHED").is_file() and (two / "metrics.json").is_file()
 
 
 def probe_examples() -> list[dict]:

@@ -9,15 +9,10 @@ import torch
 import transformers
 
 from moela.cli import main
-from moela.train import load_trained
-from tests.test_pipeline import classification_files, lm_config, save_tiny
+from moela.adapter import load_adapter
+from tests.helpers import classification_files, lm_config, save_tiny
 
 peft = pytest.importorskip("peft", reason="peft is not installed (pip install 'moela[peft]')")
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("lm"), "lm")
 
 
 def ids() -> torch.Tensor:
@@ -40,7 +35,7 @@ def test_lora_plan_exports_to_peft_with_equal_logits(tmp_path, tiny_lm, scaling)
     exported = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert exported["peft_type"] == "LORA" and exported["use_rslora"] == (scaling == "rslora")
 
-    ours = load_trained(transformers.AutoModelForCausalLM.from_pretrained(tiny_lm), run / "adapter").eval()
+    ours = load_adapter(transformers.AutoModelForCausalLM.from_pretrained(tiny_lm), run / "adapter").eval()
     theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tiny_lm),
                                             str(tmp_path / "peft")).eval()
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
@@ -60,7 +55,7 @@ def test_classifier_head_goes_to_modules_to_save(tmp_path):
     assert main(["run", str(config), "adapter.method=lora", "adapter.options={rank: 2}", "train.max_steps=3",
                  "train.lr=5e-2", "train.progress=false", f"output_dir={run}"]) == 0
     assert main(["export", "--to", "peft", str(run), str(tmp_path / "peft")]) == 0
-    ours = load_trained(transformers.AutoModelForSequenceClassification.from_pretrained(bert), run / "adapter").eval()
+    ours = load_adapter(transformers.AutoModelForSequenceClassification.from_pretrained(bert), run / "adapter").eval()
     theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForSequenceClassification.from_pretrained(bert),
                                             str(tmp_path / "peft")).eval()
     with torch.no_grad():

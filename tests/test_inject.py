@@ -7,13 +7,14 @@ import sys
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 from torch import nn
 
 import moela
 from moela import AllocationPlan, ModulePlan
-from moela.inject import adapter_state_dict
-from tests.conftest import ARCHITECTURES, TARGETS, batch, tiny_model
+from moela.adapter import adapter_state_dict
+from tests.helpers import ARCHITECTURES, TARGETS, batch, tiny_model
 
 
 def heterogeneous_plan(model, targets) -> AllocationPlan:
@@ -60,12 +61,14 @@ def test_zero_init_equals_base_then_round_trip(kind, tmp_path):
 def test_num_trainable_counts_requires_grad(kind):
     model = tiny_model(kind)
     plan = heterogeneous_plan(model, TARGETS[kind])
-    expected = plan.num_trainable(model)
+    head = sum(p.numel() for p in model.classifier.parameters()) if kind == "bert" else 0
+    expected = plan.num_trainable(model) + head
     moela.inject(model, plan)
     trainable, _ = moela.count_parameters(model)
-    assert trainable == expected
+    assert trainable == expected  # the classifier of a sequence classifier trains with the adapter by default
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert all(".lora_A." in n or ".lora_B." in n or ".router." in n for n in names)
+    assert all(".lora_A." in n or ".lora_B." in n or ".router." in n or n.startswith("classifier.") for n in names)
+    assert model.moela_config.modules_to_save == (["classifier"] if kind == "bert" else [])
 
 
 def test_num_trainable_formula_by_hand():
@@ -125,24 +128,29 @@ def test_failed_save_keeps_previous_adapter(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(sys.modules["moela.inject"], "save_file", broken)
+    monkeypatch.setattr(sys.modules["moela.adapter"], "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         moela.save_adapter(model, tmp_path / "a")
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"], "no temporary folder may be left behind"
 
 
-def test_balance_loss_through_model_ignores_padding():
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_balance_loss_through_model_ignores_padding(reduction):
     model = tiny_model("llama")
-    moela.inject(model, AllocationPlan.uniform(model, ["q_proj", "up_proj"], experts=4, rank=2))
+    moela.inject(model, AllocationPlan.uniform(model, ["q_proj", "up_proj"], experts=4, rank=2),
+                 balance_reduction=reduction)
     inputs = batch()
     model(**inputs)
     auto = moela.balance_loss(model)
     layers = [layer for _, layer in moela.moela_layers(model)]
-    expected = torch.stack([layer.balance_loss(inputs["attention_mask"]) for layer in layers]).mean()
+    reduce = torch.sum if reduction == "sum" else torch.mean
+    expected = reduce(torch.stack([layer.balance_loss(inputs["attention_mask"]) for layer in layers]))
     torch.testing.assert_close(auto, expected)
-    unmasked = torch.stack([layer.balance_loss() for layer in layers]).mean()
+    unmasked = reduce(torch.stack([layer.balance_loss() for layer in layers]))
     assert not torch.allclose(auto, unmasked)
+    coefs = {layer.balance_coef for layer in layers}
+    assert coefs == ({1e-3} if reduction == "sum" else {1e-3 / len(layers)})
     auto.backward()
     assert all(layer.router.weight.grad is not None for layer in layers)
 
@@ -176,3 +184,17 @@ def test_inject_twice_and_bad_plans_are_refused():
     with pytest.raises(ValueError, match="already has moela adapters"):
         moela.inject(model, AllocationPlan.uniform(model, ["k_proj"], experts=2, rank=2))
     assert isinstance(model.model.layers[0].self_attn.k_proj, nn.Linear)
+
+
+def test_multiple_choice_padding_is_left_out_of_the_balance_loss():
+    model = transformers.BertForMultipleChoice(transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, vocab_size=97))
+    moela.inject(model, AllocationPlan.uniform(model, ["query", "value"], experts=3, rank=2))
+    ids = torch.randint(3, 97, (2, 3, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[:, 1:, 3:] = 0  # choices 2 and 3 are padded after 3 tokens
+    model(input_ids=ids, attention_mask=mask)
+    layers = [layer for _, layer in moela.moela_layers(model)]
+    expected = torch.stack([layer.balance_loss(mask.reshape(-1, 6)) for layer in layers]).sum()
+    torch.testing.assert_close(moela.balance_loss(model), expected)
+    assert all(torch.equal(layer.token_mask, mask) for layer in layers)  # what the layers' own gradient term uses

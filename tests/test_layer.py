@@ -304,7 +304,7 @@ def test_greedy_generation_equals_reference(routing, batch_size):
 
     from moela.reference import ReferenceLoraMoELinear
 
-    from .conftest import tiny_model
+    from tests.helpers import tiny_model
 
     models = []
     for cls in (LoraMoELinear, ReferenceLoraMoELinear):

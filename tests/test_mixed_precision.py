@@ -11,7 +11,7 @@ from torch import nn
 from moela.layer import LoraMoELinear
 from moela.reference import loop_forward
 
-from .conftest import tiny_model
+from tests.helpers import tiny_model
 
 D_IN, D_OUT, T = 24, 20, 33
 

@@ -13,77 +13,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from moela import AllocationPlan, inject
+from moela import AllocationPlan, inject, run_folder
 from moela.cli import main
 from moela.evaluate import RoutingCounter, classify, extract_answer, is_correct, option_scores, routing_statistics
 from moela.data import make_loader, tokenize
-
-
-def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """A byte-level tokenizer with no merges (260 tokens), built offline."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + alphabet)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                unk_token="<unk>", pad_token="<pad>")
-
-
-def save_tiny(folder: Path, kind: str) -> Path:
-    """A tiny random Llama (``lm``) or BERT classifier (``bert``) with the byte tokenizer, saved to ``folder``."""
-    torch.manual_seed(0)
-    if kind == "lm":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=260, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0))
-    else:  # "bert": a sequence classifier; "bert-base": the bare encoder (for a multiple-choice head)
-        config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                         intermediate_size=48, vocab_size=260, max_position_embeddings=128,
-                                         num_labels=2, pad_token_id=0)
-        model = (transformers.BertForSequenceClassification if kind == "bert" else transformers.BertModel)(config)
-    model.save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def instruction_records(n: int) -> list[dict]:
-    words = ["sun", "moon", "tree", "rock", "fish", "bird"]
-    out = []
-    for i in range(n):
-        answer = "true" if i % 2 else "false"
-        out.append({"instruction": f"is {words[i % 6]} {i % 7} odd?\n\nAnswer format: true/false", "input": "",
-                    "output": f"the correct answer is {answer}", "answer": answer})
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory) -> Path:
-    return save_tiny(tmp_path_factory.mktemp("lm"), "lm")
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> Path:
-    return save_tiny(tmp_path_factory.mktemp("bert"), "bert")
-
-
-def lm_config(tmp: Path, model: Path, **sections) -> Path:
-    train = tmp / "train.json"
-    train.write_text(json.dumps(instruction_records(24)))
-    test = tmp / "test.jsonl"
-    test.write_text("\n".join(json.dumps(r) for r in instruction_records(8)))
-    config = {"name": "tiny", "output_dir": str(tmp / "run"),
-              "model": {"name_or_path": str(model)},
-              "data": {"train": [{"path": str(train), "task": "odd"}], "eval": [{"path": str(test), "task": "odd"}],
-                       "template": "plain", "cutoff_len": 64},
-              "adapter": {"method": "uniform", "options": {"uniform": {"experts": 2, "rank": 2}}},
-              "train": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "logging_steps": 2, "progress": False},
-              "eval": {"max_new_tokens": 6, "batch_size": 8}}
-    for key, value in sections.items():
-        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+from tests.helpers import byte_tokenizer, classification_files, lm_config, save_tiny
 
 
 def test_run_writes_the_run_directory(tmp_path, tiny_lm, capsys):
@@ -152,23 +86,15 @@ def test_resume_continues_from_the_checkpoint(tmp_path, tiny_lm):
 def test_run_unfinished_needs_resume_or_overwrite(tmp_path, tiny_lm, capsys):
     config = lm_config(tmp_path, tiny_lm)
     (tmp_path / "run").mkdir()
+    run_folder.mark_owned(tmp_path / "run", "run")  # a run folder moela created, left unfinished
     (tmp_path / "run" / "plan.json").write_text("{}")
     assert main(["run", str(config)]) == 1
     assert "--resume" in capsys.readouterr().err
     (tmp_path / "run" / "plan.json").unlink()
+    (tmp_path / "run" / run_folder.MARKER).unlink()
     (tmp_path / "run" / "notes.txt").write_text("mine")
     assert main(["run", str(config), "--overwrite"]) == 1  # --overwrite deletes only moela run folders
     assert "not a moela run folder" in capsys.readouterr().err and (tmp_path / "run" / "notes.txt").is_file()
-
-
-def classification_files(tmp: Path, n_train: int = 64, n_eval: int = 32) -> tuple[Path, Path]:
-    """A TSV task a model can learn from its first byte: label 1 iff the sentence starts with 'b'."""
-    def rows(n, offset):
-        return "\n".join(f"{'ab'[i % 2]} {'xyz'[(i + offset) % 3] * (1 + i % 4)} w{i}\t{i % 2}" for i in range(n))
-    train, dev = tmp / "train.tsv", tmp / "dev.tsv"
-    train.write_text(rows(n_train, 0))
-    dev.write_text(rows(n_eval, 1))
-    return train, dev
 
 
 def test_classifier_head_is_trained_saved_and_reloaded(tmp_path, tiny_bert, capsys):
@@ -215,7 +141,7 @@ def test_multiple_choice_encoder_learns_and_ignores_padded_choices(tmp_path):
     run = tmp_path / "run"
     assert main(["run", str(config), f"output_dir={run}"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["protocol"] == "classification" and metrics["n"] == 30
+    assert metrics["protocol"] == "multiple_choice" and metrics["n"] == 30
     assert metrics["accuracy"] >= 0.75  # chance is 0.42 (2 or 3 choices)
     predictions = json.loads((run / "predictions.json").read_text())
     test = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]

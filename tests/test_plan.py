@@ -9,7 +9,7 @@ import pytest
 import moela
 from moela import AllocationPlan, ModulePlan
 from moela.plan import layer_index, module_type
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 def test_round_trip_json(tmp_path):

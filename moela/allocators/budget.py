@@ -133,8 +133,8 @@ def warn_if_missed(budget: int, achieved: int) -> None:
 
 
 def routed(ranks: list[int], top_k: int, **routing: Any) -> ModulePlan:
-    """A module plan with top-k capped by the number of experts (top-1 for a single expert)."""
-    return ModulePlan(list(ranks), top_k=min(top_k, len(ranks)), **routing)
+    """:meth:`ModulePlan.capped`: a module plan with top-k capped by the number of experts."""
+    return ModulePlan.capped(ranks, top_k, **routing)
 
 
 def finish(modules: dict[str, ModulePlan], dims: Mapping[str, tuple[int, int]], method: str,

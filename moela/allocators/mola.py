@@ -7,7 +7,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from ..plan import AllocationPlan, find_targets, layer_index
-from . import register
+from .registry import register
 from .budget import apportion, depth_group, finish, fit, num_layers, parse_budget, parse_pattern, routed, target_dims
 
 PATTERNS = ("2468", "8642", "8228", "5555")

@@ -10,7 +10,7 @@ memory stays at one matrix-sized temporary on top of LoRA-like activations, and 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -18,9 +18,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..plan import AllocationPlan, find_targets, module_type
-from . import process_group, register
+from ..distributed import process_group
+from .registry import register
 from .budget import TOLERANCE, apportion, finish, fit, parse_budget, plan_cost, routed, target_dims, warn_if_missed
-from .data import Cost, batches, pad_id, prepare
+from .probe import Cost, batches, pad_id, to_device
 
 
 def squared_grad_norm(x: torch.Tensor, g: torch.Tensor) -> float:
@@ -32,42 +33,47 @@ def squared_grad_norm(x: torch.Tensor, g: torch.Tensor) -> float:
     return float((g.T @ x).pow(2).sum(dtype=torch.float64))
 
 
-def probe(model: nn.Module, names: list[str], probe_batches: list[dict[str, torch.Tensor]],
-          cost: Cost | None = None) -> dict[Any, dict[str, float]]:
-    """``{task: {path: S(path)}}`` summed over the batches (rows of a batch are split by its ``task`` column;
-    without one every batch is task 0). The model is left exactly as it was."""
+def backward_hooks(model: nn.Module, names: list[str], probe_batches: list[dict[str, torch.Tensor]],
+                   on_grad: Callable[[Any, str, torch.Tensor, torch.Tensor], None], cost: Cost | None = None) -> None:
+    """Forward and backward every batch through ``model`` and call ``on_grad(task, name, x, g)`` with each
+    target's input tokens ``x`` (…, d_in) and output gradients ``g`` (…, d_out) (so ``∇_{W0} L = gᵀ x``).
+    Rows of a batch are split by its ``task`` column (task 0 without one). No weight gets ``requires_grad``
+    (only the embedding output does, or the floating-point inputs of a model without input embeddings, so a
+    backward pass exists); the model is left exactly as it was."""
     device = next(model.parameters()).device
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
-    scores: dict[Any, dict[str, float]] = defaultdict(lambda: dict.fromkeys(names, 0.0))
     current: dict[str, Any] = {}
     handles = []
 
     def watch(name: str):
         def forward_hook(module, args, output):
             if not args:
-                raise ValueError(f"sensitivity: module {name!r} was called without a positional input")
-            x = args[0].detach()
+                raise ValueError(f"module {name!r} was called without a positional input")
+            x, task = args[0].detach(), current["task"]
             if output.requires_grad:
-                output.register_hook(lambda g: scores[current["task"]].__setitem__(
-                    name, scores[current["task"]][name] + squared_grad_norm(x, g)))
+                output.register_hook(lambda g: on_grad(task, name, x, g))
         return forward_hook
 
     try:
         model.eval()
         model.requires_grad_(False)
-        handles.append(model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_()))
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if embeddings is not None:
+            handles.append(embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_()))
         for name in names:
             handles.append(model.get_submodule(name).register_forward_hook(watch(name)))
-        for batch in tqdm(probe_batches, desc="sensitivity probe", leave=False):
-            inputs, task = prepare(batch, device)
+        for batch in tqdm(probe_batches, desc="gradient probe", leave=False):
+            inputs, task = to_device(batch, device)
             groups = [(0, None)] if task is None else [(int(t), task == t) for t in torch.unique(task)]
             for t, rows in groups:
                 current["task"] = t
                 sub = inputs if rows is None else {k: v[rows.to(v.device)] if isinstance(v, torch.Tensor)
                                                    and len(v) == len(rows) else v for k, v in inputs.items()}
-                loss = model(**sub).loss
-                loss.backward()
+                if embeddings is None:
+                    sub = {k: v.detach().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                           and k != "labels" else v for k, v in sub.items()}
+                model(**sub).loss.backward()
                 if cost is not None:
                     cost.add(sub)
     finally:
@@ -76,6 +82,18 @@ def probe(model: nn.Module, names: list[str], probe_batches: list[dict[str, torc
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
+
+
+def probe(model: nn.Module, names: list[str], probe_batches: list[dict[str, torch.Tensor]],
+          cost: Cost | None = None) -> dict[Any, dict[str, float]]:
+    """``{task: {path: S(path)}}`` summed over the batches (rows of a batch are split by its ``task`` column;
+    without one every batch is task 0). The model is left exactly as it was."""
+    scores: dict[Any, dict[str, float]] = defaultdict(lambda: dict.fromkeys(names, 0.0))
+
+    def add(task: Any, name: str, x: torch.Tensor, g: torch.Tensor) -> None:
+        scores[task][name] += squared_grad_norm(x, g)
+
+    backward_hooks(model, names, probe_batches, add, cost)
     return {t: dict(s) for t, s in sorted(scores.items())}
 
 
@@ -120,7 +138,7 @@ def per_type_share(scores: dict[str, float]) -> dict[str, float]:
     return {n: s / totals[module_type(n)] if totals[module_type(n)] > 0 else 0.0 for n, s in scores.items()}
 
 
-@register("sensitivity", every_target=False)
+@register("sensitivity", needs_data=True, needs_weights=True, every_target=False)
 def sensitivity(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None,
                 seed: int = 0, mode: str = "auto", p: float = 60.0, experts: int = 4, max_experts: int = 8,
                 rank: int = 8, top_k: int = 2, examples: int = 256, batch_size: int = 1) -> AllocationPlan:

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from ..plan import AllocationPlan, find_targets
-from . import register
+from .registry import register
 from .budget import TOLERANCE, finish, parse_budget, plan_cost, routed, target_dims, warn_if_missed
 
 
@@ -42,7 +42,7 @@ def uniform(model: nn.Module, *, targets: Any, budget: int | str | None = None, 
 
 @register("lora")
 def lora(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None, seed: int = 0,
-         rank: int = 8, **_: Any) -> AllocationPlan:
+         rank: int = 8) -> AllocationPlan:
     """Plain LoRA of rank r on every target (with a budget: the rank closest to it)."""
     names = find_targets(model, targets)
     dims = target_dims(model, names)

@@ -68,7 +68,7 @@ def pad_id(model: torch.nn.Module) -> int:
     return 0
 
 
-def prepare(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[dict[str, torch.Tensor], Any]:
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[dict[str, torch.Tensor], Any]:
     """Model inputs on ``device`` and the batch's task ids (or None)."""
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "task"}
     return inputs, batch.get("task")

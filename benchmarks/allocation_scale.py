@@ -1,0 +1,157 @@
+"""Cost (time, peak memory) of the data-driven allocators per transformer block, on real 7B-shaped Llama blocks
+with random weights, extrapolated to Llama-2-7B and Llama-2-70B.
+
+Each configuration runs in a fresh process: a ``LlamaForCausalLM`` of 1 or 2 blocks (hidden 4096, intermediate
+11008, 32 heads, vocabulary 32000, float32; ``--width`` scales hidden and intermediate together), random token
+ids of ``--seq`` tokens, all seven projections of every block as targets, then ``moela.allocate``:
+
+- ``sensitivity``: the probe (one forward and backward per example, batch 1, as the public code), N examples;
+- ``guilomo``: the bilevel search (first-order, batch 1, experts 8, rank 8), S steps.
+
+Time is wall-clock around ``moela.allocate``; memory the growth of the peak resident set (VmHWM, reset after
+the model is built, glibc mapping every block ≥ 64 KiB on its own) over the built model.
+
+Extrapolation (``cost = a + L·b``, fitted per method on the 1- and 2-block runs of the same N or S): ``b`` is
+one block's cost, ``a`` the rest (embedding, norm, 32000-word head, allocator bookkeeping). A Llama-2-7B block has
+P₇ = 4·4096² + 3·4096·11008 = 202 M weights; a Llama-2-70B block (hidden 8192, 8 KV heads, intermediate 28672)
+P₇₀ = 2·8192² + 2·8192·1024 + 3·8192·28672 = 856 M, 4.23 × P₇: matmul work per token grows with the weights, so
+    time(7B)  ≈ a + 32·b,        time(70B) ≈ 2·a + 80·4.23·b     (the head's work doubles with the width);
+    memory(7B) ≈ a_m + 32·b_m,   memory(70B) ≈ 2·a_m + 80·2·b_m  (activations grow with the width, 8192/4096),
+per N examples (probe) or S steps (search) of ``--seq`` tokens; time is linear in N·seq (or S·seq) at short
+sequences. The base weights themselves (7B: 27 GB float32, 13.5 GB bf16) come on top of the memory figures.
+
+    .venv/bin/python benchmarks/allocation_scale.py                # about 30 min on 2 loaded CPU cores
+    .venv/bin/python benchmarks/allocation_scale.py --width 0.0625 --seq 16 --examples 1,2 --steps 1,2   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import moela
+
+P7 = 4 * 4096**2 + 3 * 4096 * 11008
+P70 = 2 * 8192**2 + 2 * 8192 * 1024 + 3 * 8192 * 28672
+
+
+def build(width: float, layers: int) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    hidden = int(4096 * width) // 32 * 32
+    config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=int(11008 * width),
+                                      num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=32,
+                                      vocab_size=32000, max_position_embeddings=4096)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def examples(n: int, seq: int) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 32000, (seq,), generator=g).tolist()
+        out.append({"input_ids": ids, "attention_mask": [1] * seq, "labels": ids})
+    return out
+
+
+def status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def measure_one(method: str, width: float, layers: int, amount: int, seq: int) -> dict:
+    """Seconds and peak-memory growth (MiB) of one allocation, in this process."""
+    model = build(width, layers)
+    if method == "sensitivity":
+        options = dict(data=examples(amount, seq), examples=amount, batch_size=1, mode="proportional")
+    else:  # amount = search steps: as many training and validation examples
+        options = dict(data=examples(2 * amount, seq), max_steps=amount, batch_size=1, val_fraction=0.5,
+                       experts=8, rank=8, check_every=10**6)
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
+    loaded = status_kib("VmRSS")
+    start = time.perf_counter()
+    moela.allocate(method, model, targets="all-linear", **options)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "growth_mib": (status_kib("VmHWM") - loaded) / 1024,
+            "model_mib": loaded / 1024}
+
+
+def in_subprocess(method: str, width: float, layers: int, amount: int, seq: int, threads: int) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads)}
+    spec = json.dumps([method, width, layers, amount, seq])
+    done = subprocess.run([sys.executable, __file__, "--one", spec, "--threads", str(threads)], env=env,
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{spec}: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--width", type=float, default=1.0, help="hidden and intermediate size / 7B's (4096, 11008)")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per example")
+    parser.add_argument("--examples", default="2,4", help="probe sizes N (sensitivity), comma-separated")
+    parser.add_argument("--steps", default="1,3", help="search steps S (guilomo), comma-separated")
+    parser.add_argument("--half-width", action="store_true", help="also probe 1 block at half the width")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.one:
+        print(json.dumps(measure_one(*json.loads(args.one))))
+        return {}
+    load_before = os.getloadavg()[0]
+    runs = []
+    plan = [("sensitivity", int(n)) for n in args.examples.split(",")] + \
+        [("guilomo", int(s)) for s in args.steps.split(",")]
+    for method, amount in plan:
+        for layers in (1, 2):
+            row = {"method": method, "amount": amount, "layers": layers, "width": args.width,
+                   **in_subprocess(method, args.width, layers, amount, args.seq, args.threads)}
+            print(json.dumps(row), flush=True)
+            runs.append(row)
+    if args.half_width:
+        row = {"method": "sensitivity", "amount": int(args.examples.split(",")[-1]), "layers": 1,
+               "width": args.width / 2, **in_subprocess("sensitivity", args.width / 2, 1,
+                                                        int(args.examples.split(",")[-1]), args.seq, args.threads)}
+        print(json.dumps(row), flush=True)
+        runs.append(row)
+    report(args, runs, (load_before, os.getloadavg()[0]))
+    return {"runs": runs}
+
+
+def report(args, runs: list[dict], load: tuple[float, float]) -> None:
+    print(f"\n# allocation_scale: cpu, {args.threads} threads, torch {torch.__version__}, float32; Llama blocks of "
+          f"hidden {int(4096 * args.width) // 32 * 32}, intermediate {int(11008 * args.width)}, vocabulary 32000; "
+          f"{args.seq} tokens per example, batch 1; load average {load[0]:.2f} before, {load[1]:.2f} after")
+    print(f"{'method':<12} {'N or S':>6} {'blocks':>6} {'width':>6} {'seconds':>8} {'peak growth MiB':>15} "
+          f"{'model MiB':>9}")
+    for r in runs:
+        print(f"{r['method']:<12} {r['amount']:>6} {r['layers']:>6} {r['width']:>6g} {r['seconds']:8.1f} "
+              f"{r['growth_mib']:15.0f} {r['model_mib']:9.0f}")
+    print(f"\n{'method':<12} {'N or S':>6} {'a s':>7} {'b s/block':>9} {'7B s':>8} {'70B s':>8} {'a_m MiB':>8} "
+          f"{'b_m MiB/block':>13} {'7B MiB':>8} {'70B MiB':>8}")
+    scale = P70 / P7
+    for method in ("sensitivity", "guilomo"):
+        for amount in sorted({r["amount"] for r in runs if r["method"] == method}):
+            one, two = ([r for r in runs if (r["method"], r["amount"], r["layers"], r["width"]) ==
+                         (method, amount, layers, args.width)][0] for layers in (1, 2))
+            b, bm = two["seconds"] - one["seconds"], two["growth_mib"] - one["growth_mib"]
+            a, am = one["seconds"] - b, one["growth_mib"] - bm
+            print(f"{method:<12} {amount:>6} {a:7.1f} {b:9.1f} {a + 32 * b:8.0f} {2 * a + 80 * scale * b:8.0f} "
+                  f"{am:8.0f} {bm:13.0f} {am + 32 * bm:8.0f} {2 * am + 80 * 2 * bm:8.0f}")
+    print(f"(7B: a + 32·b; 70B: 2·a + 80·{scale:.2f}·b for time, 2·a_m + 80·2·b_m for memory; per N examples "
+          f"or S steps of {args.seq} tokens; base weights not included)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""GuiLoMo: does the plan come from the data? Read-outs on the recovery benchmark's teacher data.
+
+For one scenario of ``benchmarks/recovery.py`` this runs GuiLoMo's search (no budget, so the plan is the raw
+read-out) with real labels (tokens sampled from the teacher) and with shuffled labels (the same label
+sequences assigned to other texts), for several seeds, with moela's defaults and with the public code's
+mechanics. Reported per mechanics: the share of expert counts and ranks equal to their random start
+(``plan.meta["unmoved"]``), and the mean per-module difference of total rank ``|Σr_a − Σr_b|`` between plans
+of two seeds (same labels) and between real and shuffled labels (same seed). Search cost is in ``alloc s``.
+
+    python benchmarks/guilomo_control.py --scenario middle --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+import warnings
+
+import torch
+
+import recovery as R
+from moela.allocators import allocate
+
+MECHANICS = {"moela defaults": {}, "published": R.VARIANTS["guilomo-published"][1]}
+
+
+def shuffled(examples: list[dict], seed: int) -> list[dict]:
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(500 + seed)).tolist()
+    return [{**ex, "labels": examples[j]["labels"]} for ex, j in zip(examples, order)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", default="middle", choices=list(R.SCENARIOS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", default=str(R.RESULTS.parent / "guilomo-control.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    ids = R.texts(512, 48)
+    teacher, _ = R.make_teacher(args.scenario, 0.3)
+    targets = R.teacher_targets(teacher, ids)
+    out = {}
+    for label, options in MECHANICS.items():
+        plans, unmoved, seconds = {}, [], []
+        for seed in args.seeds:
+            real = R.sampled_examples(ids, targets, seed)[:256]
+            for kind, data in (("real", real), ("shuffled", shuffled(real, seed))):
+                start = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    plan = allocate("guilomo", R.load_base(), targets="all-linear", data=data, seed=seed,
+                                    **{**R.OPTIONS["guilomo"], **options})
+                seconds.append(time.perf_counter() - start)
+                plans[kind, seed] = {n: sum(s.ranks) for n, s in plan.items()}
+                unmoved.append(plan.meta["unmoved"])
+
+        def distance(a: dict, b: dict) -> float:
+            return statistics.fmean(abs(a[n] - b[n]) for n in a)
+
+        seed_pairs = [distance(plans["real", a], plans["real", b]) for a, b in itertools.combinations(args.seeds, 2)]
+        label_pairs = [distance(plans["real", s], plans["shuffled", s]) for s in args.seeds]
+        out[label] = {"unmoved_experts": statistics.fmean(u["experts"] for u in unmoved),
+                      "unmoved_ranks": statistics.fmean(u["ranks"] for u in unmoved),
+                      "seed_vs_seed": seed_pairs, "real_vs_shuffled": label_pairs,
+                      "search_s": statistics.fmean(seconds)}
+        print(label, json.dumps(out[label]), flush=True)
+    with open(args.out, "w") as fh:
+        json.dump({"scenario": args.scenario, "seeds": args.seeds, **out}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

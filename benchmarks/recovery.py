@@ -1,0 +1,358 @@
+"""Allocation recovery: does an allocator put capacity where a known update was planted?
+
+Teacher = stories260k (../shared/models) with low-rank updates ``ΔW_m = γ ‖W_m‖_2 · U_m V_mᵀ`` of known
+rank ``k_m`` (``U, V`` random orthonormal columns, so all k singular values equal ``γ ‖W_m‖_2``) added to a known subset of its
+linear maps. Inputs are real text (LLM-Adapters questions, ../shared/data). The student is the base model with
+a LoRA-MoE of the plan under test, trained by distillation: the loss is ``KL(teacher ‖ student)`` of the
+next-token distributions, averaged over tokens. Every plan gets the same budget (``--budget``). Allocators see
+what a user would give them: the texts with labels sampled from the teacher (so ``model(**batch).loss`` is an
+unbiased estimate of the cross-entropy to the teacher).
+
+Reported per scenario and method, over seeds (a seed fixes the student's initial weights, the data order, the
+allocator's randomness and its probe sample; the teacher and the texts are the same for every seed):
+  - held-out distillation loss (mean, 95% t-interval over seeds) and its paired difference to ``uniform``;
+  - planted share: fraction of the plan's trainable parameters on planted modules;
+  - rank correlation (Spearman) between a module's total rank ``Σ r_i`` and its planted rank (0 if none);
+  - gap closure ``(L_uniform − L_method) / (L_uniform − L_oracle)`` (of the seed means).
+``oracle``: one expert on every planted module, ranks ∝ planted ranks, scaled to the budget.
+
+    python benchmarks/recovery.py                               # every scenario and method, 3 seeds
+    python benchmarks/recovery.py --scenarios deep --seeds 0 --methods uniform oracle gradspec
+    python benchmarks/recovery.py --report-only A.json B.json   # BENCHMARKS.md again from results files
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import re
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+import moela
+from moela.allocators import allocate
+from moela.allocators.budget import apportion, finish, parse_budget, routed, target_dims
+from moela.io import atomic_write_text
+from moela.plan import AllocationPlan, find_targets, layer_index, module_type
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+MODEL = SHARED / "models" / "stories260k"
+RESULTS = ROOT / "benchmarks" / "results" / "recovery.json"
+TEXTS = ["boolq/train.json", "ARC-Easy/train.json", "openbookqa/train.json"]
+METHODS = ["uniform", "oracle", "mola", "hilo", "alphalora", "sensitivity", "guilomo", "guilomo-published",
+           "gradspec"]
+# Per-method options for a budget of rank-2 LoRA: fixed-rank methods use rank 1 (rank 8 experts on every
+# module would cost 4x the budget); GuiLoMo's supernet has 4 experts and no floor on the count, so that its
+# read-out (at least one rank-1 expert per module and expert) fits.
+OPTIONS = {"mola": {"rank": 1}, "alphalora": {"rank": 1}, "sensitivity": {"rank": 2},
+           "guilomo": {"experts": 4, "min_experts": 1}}
+# GuiLoMo with the public code's mechanics (moela's defaults changed them; see moela/allocators/guilomo.py)
+VARIANTS = {"guilomo-published": ("guilomo", dict(estimator="selected", init_scale=1.0, gsv_lr=3e-3, b_std=0.02,
+                                                  expert_mask="logits", rank_leak=1e-4, settle=None))}
+BUDGET = "uniform:E=1,r=2"
+ATTN, MLP = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
+
+# scenario → {(block, module type): planted rank}
+SCENARIOS: dict[str, dict[tuple[int, str], int]] = {
+    "shallow": {(b, t): 8 for b in (0, 1) for t in ("q_proj", "o_proj", "up_proj")},
+    "middle": {(2, t): 8 for t in ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")},
+    "deep": {(b, t): 8 for b in (3, 4) for t in ("v_proj", "o_proj", "down_proj")},
+    "one-type": {(b, "down_proj"): 8 for b in range(5)},
+    "mixed-ranks": {(0, "v_proj"): 2, (1, "up_proj"): 4, (2, "o_proj"): 16, (3, "q_proj"): 8, (4, "down_proj"): 12,
+                    (4, "gate_proj"): 4},
+}
+
+
+def load_base() -> torch.nn.Module:
+    return transformers.AutoModelForCausalLM.from_pretrained(MODEL).eval()
+
+
+def texts(count: int, length: int) -> torch.Tensor:
+    """``count`` token sequences of ``length`` tokens (BOS + text), from the LLM-Adapters training questions,
+    in a fixed order."""
+    tok = transformers.AutoTokenizer.from_pretrained(MODEL)
+    rows = []
+    for name in TEXTS:
+        rows += [r["instruction"] for r in json.loads((SHARED / "data" / "llm-adapters" / name).read_text())]
+    rng = np.random.default_rng(1234)
+    out = []
+    for i in rng.permutation(len(rows)):
+        ids = tok(rows[i])["input_ids"]
+        if len(ids) >= length:
+            out.append(ids[:length])
+        if len(out) == count:
+            break
+    return torch.tensor(out)
+
+
+def planted_paths(model: torch.nn.Module, scenario: str) -> dict[str, int]:
+    """``{module path: planted rank}``."""
+    wanted = SCENARIOS[scenario]
+    return {n: wanted[(layer_index(n), n.rsplit(".", 1)[-1])] for n in find_targets(model, "all-linear")
+            if (layer_index(n), n.rsplit(".", 1)[-1]) in wanted}
+
+
+def make_teacher(scenario: str, gamma: float) -> tuple[torch.nn.Module, dict[str, int]]:
+    """The base model with ``ΔW = γ ‖W‖_2 U Vᵀ`` (rank k, orthonormal U, V; fixed seed) on the planted maps."""
+    teacher = load_base()
+    planted = planted_paths(teacher, scenario)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, k in planted.items():
+            w = teacher.get_submodule(name).weight
+            u = torch.linalg.qr(torch.randn(w.shape[0], k, generator=g))[0]
+            v = torch.linalg.qr(torch.randn(w.shape[1], k, generator=g))[0]
+            w.add_(gamma * torch.linalg.matrix_norm(w, 2) * u @ v.T)
+    return teacher, planted
+
+
+@torch.no_grad()
+def teacher_targets(teacher: torch.nn.Module, ids: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Teacher log-probabilities (N, T, V) at every position."""
+    return torch.cat([teacher(input_ids=ids[i:i + batch]).logits.log_softmax(-1) for i in range(0, len(ids), batch)])
+
+
+def kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ``KL(teacher ‖ student)``."""
+    logq = student_logits.log_softmax(-1)
+    return (teacher_logp.exp() * (teacher_logp - logq)).sum(-1).mean()
+
+
+def sampled_examples(ids: torch.Tensor, teacher_logp: torch.Tensor, seed: int) -> list[dict]:
+    """Tokenised examples whose labels are tokens sampled from the teacher (label t+1 ~ teacher(· | ids ≤ t))."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    draws = torch.multinomial(teacher_logp.exp().flatten(0, 1), 1, generator=g).view(ids.shape)
+    labels = torch.cat([torch.full((len(ids), 1), -100), draws[:, :-1]], 1)
+    return [{"input_ids": i.tolist(), "attention_mask": [1] * len(i), "labels": l.tolist()} for i, l in zip(ids, labels)]
+
+
+def oracle_plan(model: torch.nn.Module, planted: dict[str, int], budget: int) -> AllocationPlan:
+    """One expert per planted module, ranks ∝ planted ranks, total rank chosen so the cost is closest to the
+    budget."""
+    from moela.allocators.budget import fit
+
+    names = list(planted)
+    dims = target_dims(model, names)
+
+    def build(total: int) -> dict:
+        return {n: routed([r], 1) for n, r in zip(names, apportion([planted[n] for n in names], total, lo=1))}
+
+    modules, _ = fit(build, budget, dims, lo=len(names))
+    return finish(modules, dims, "oracle", {"planted": planted}, budget)
+
+
+def plan_for(method: str, model: torch.nn.Module, planted: dict[str, int], data: list[dict], seed: int,
+             budget: int) -> tuple[AllocationPlan, float]:
+    start = time.perf_counter()
+    if method == "oracle":
+        plan = oracle_plan(model, planted, budget)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            name, options = VARIANTS.get(method, (method, {}))
+            plan = allocate(name, model, targets="all-linear", budget=budget, data=data, seed=seed,
+                            **OPTIONS.get(name, {}), **options)
+    return plan, time.perf_counter() - start
+
+
+def train_student(plan: AllocationPlan, ids: torch.Tensor, targets: torch.Tensor, val_ids: torch.Tensor,
+                  val_targets: torch.Tensor, seed: int, steps: int, batch: int, lr: float) -> float:
+    """Inject ``plan`` into a fresh base, AdamW on the adapter with KL + 1e-3 · balance loss; held-out KL."""
+    torch.manual_seed(seed)
+    student = moela.inject(load_base(), plan)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps))
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
+    student.train()
+    for step in range(steps):
+        rows = order[(step * batch + torch.arange(batch)) % len(ids)]
+        loss = kl(student(input_ids=ids[rows]).logits, targets[rows]) + 1e-3 * moela.balance_loss(student)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    student.eval()
+    with torch.no_grad():
+        return float(np.mean([kl(student(input_ids=val_ids[i:i + 64]).logits, val_targets[i:i + 64]).item()
+                              for i in range(0, len(val_ids), 64)]))
+
+
+def plan_stats(plan: AllocationPlan, model: torch.nn.Module, planted: dict[str, int]) -> dict:
+    from scipy.stats import spearmanr
+
+    dims = target_dims(model, find_targets(model, "all-linear"))
+    cost = {n: spec.cost(*dims[n]) for n, spec in plan.items()}
+    names = list(dims)
+    rank = [sum(plan[n].ranks) if n in plan.modules else 0 for n in names]
+    truth = [planted.get(n, 0) for n in names]
+    rho = spearmanr(rank, truth).statistic if len(set(rank)) > 1 else 0.0
+    return {"planted_share": sum(c for n, c in cost.items() if n in planted) / sum(cost.values()),
+            "spearman": float(rho), "trainable": sum(cost.values()),
+            "ranks": {n: list(plan[n].ranks) for n in plan.modules}}
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    torch.set_num_threads(args.threads)
+    rows = json.loads(args.out.read_text()) if args.out.exists() and not args.fresh else []
+    done = {(r["scenario"], r["method"], r["seed"]) for r in rows}
+    all_ids = texts(args.train + args.val, args.length)
+    ids, val_ids = all_ids[:args.train], all_ids[args.train:]
+    base = load_base()
+    budget = parse_budget(args.budget, base, "all-linear")
+    setups = {}
+    for scenario in args.scenarios:  # the teacher and its targets are the same for every seed
+        teacher, planted = make_teacher(scenario, args.gamma)
+        targets, val_targets = teacher_targets(teacher, ids), teacher_targets(teacher, val_ids)
+        with torch.no_grad():
+            base_kl = kl(base(input_ids=val_ids).logits, val_targets).item()
+        setups[scenario] = planted, targets, val_targets, base_kl
+    for seed in args.seeds:  # seed-major, so that an interrupted run has every scenario at the first seeds
+        for scenario in args.scenarios:
+            planted, targets, val_targets, base_kl = setups[scenario]
+            data = sampled_examples(ids, targets, seed)[:args.probe]
+            for method in args.methods:
+                if (scenario, method, seed) in done:
+                    continue
+                try:
+                    plan, seconds = plan_for(method, load_base(), planted, data, seed, budget)
+                except ValueError as err:  # e.g. a read-out whose smallest plan costs more than the budget
+                    rows.append({"scenario": scenario, "method": method, "seed": seed, "error": str(err)})
+                    print(f"{scenario:12s} {method:12s} seed {seed}: {err}", flush=True)
+                    continue
+                t0 = time.perf_counter()
+                loss = (train_student(plan, ids, targets, val_ids, val_targets, seed, args.steps, args.batch, args.lr)
+                        if method not in args.plan_only else None)
+                row = {"scenario": scenario, "method": method, "seed": seed, "loss": loss, "base_kl": base_kl,
+                       "alloc_s": round(seconds, 3), "train_s": round(time.perf_counter() - t0, 3),
+                       **plan_stats(plan, base, planted)}
+                if "unmoved" in plan.meta:
+                    row["unmoved"] = plan.meta["unmoved"]
+                rows.append(row)
+                print(f"{scenario:12s} {method:12s} seed {seed}: KL {loss or math.nan:.4f} (base {base_kl:.4f}) planted share "
+                      f"{row['planted_share']:.2f} rho {row['spearman']:+.2f} alloc {seconds:.1f}s "
+                      f"train {row['train_s']:.1f}s", flush=True)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(args.out, json.dumps(rows, indent=1) + "\n")
+    return rows
+
+
+def t95(n: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1)) if n > 1 else float("nan")
+
+
+def ci(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% t-interval)."""
+    mean = statistics.fmean(values)
+    return mean, (t95(len(values)) * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan)
+
+
+def fmt(value: float, half: float, spec: str) -> str:
+    """``value ± half`` (just ``value`` without an interval, blank without a value)."""
+    if math.isnan(value):
+        return ""
+    return f"{value:{spec}}" + ("" if math.isnan(half) else f" ± {half:.4f}")
+
+
+def report(rows: list[dict], args: argparse.Namespace) -> str:
+    scenarios = [s for s in SCENARIOS if any(r["scenario"] == s for r in rows)]
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    seeds = sorted({r["seed"] for r in rows if "error" not in r})
+    failed = {(r["scenario"], r["method"]): r["error"] for r in rows if "error" in r}
+    get = {(r["scenario"], r["method"], r["seed"]): r for r in rows if "error" not in r}
+    lines = [f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s) per process; seeds "
+             f"{', '.join(map(str, seeds))}; budget "
+             f"`{args.budget}` on all 35 linear maps of stories260k; students trained {args.steps} steps of "
+             f"{args.batch} × {args.length} tokens (lr {args.lr}); held-out KL on {args.val} texts.", ""]
+    for scenario in scenarios:
+        planted = {k: v for k, v in SCENARIOS[scenario].items()}
+        desc = ", ".join(f"{b}.{t}:{k}" for (b, t), k in planted.items())
+        base_kl = next(r["base_kl"] for r in rows if r["scenario"] == scenario)
+        lines += [f"**{scenario}** (planted block.map:rank — {desc}; KL(teacher ‖ base) = {base_kl:.4f})", "",
+                  "| method | held-out KL ± 95% CI (seeds trained) | vs uniform (paired) ± 95% CI | planted share | Spearman ρ "
+                  "| gap closure | alloc s |", "|---|---|---|---|---|---|---|"]
+        mean = {}
+        for m in methods:
+            vals = [get[scenario, m, s]["loss"] for s in seeds
+                    if (scenario, m, s) in get and get[scenario, m, s]["loss"] is not None]
+            if vals:
+                mean[m] = statistics.fmean(vals)
+        for m in methods:
+            have = [s for s in seeds if (scenario, m, s) in get]
+            if not have:
+                if (scenario, m) in failed:
+                    lines.append(f"| {m} | no plan: {failed[scenario, m].split(' (')[0]} | | | | | |")
+                continue
+            trained = [s for s in have if get[scenario, m, s]["loss"] is not None]
+            loss, half = ci([get[scenario, m, s]["loss"] for s in trained]) if trained else (math.nan, math.nan)
+            paired = [get[scenario, m, s]["loss"] - get[scenario, "uniform", s]["loss"] for s in trained
+                      if (scenario, "uniform", s) in get]
+            d, dh = ci(paired) if len(paired) > 1 and m != "uniform" else (math.nan, math.nan)
+            share = statistics.fmean(get[scenario, m, s]["planted_share"] for s in have)
+            rho = statistics.fmean(get[scenario, m, s]["spearman"] for s in have)
+            gap = mean.get("uniform", math.nan) - mean.get("oracle", math.nan)
+            closure = (mean.get("uniform", math.nan) - mean.get(m, math.nan)) / gap if gap else math.nan
+            alloc = statistics.fmean(get[scenario, m, s]["alloc_s"] for s in have)
+            lines.append(f"| {m} | {fmt(loss, half, '.4f')} ({len(trained)}) | {fmt(d, dh, '+.4f')} | {share:.2f} | "
+                         f"{rho:+.2f} | {'' if math.isnan(closure) else f'{closure:+.2f}'} | {alloc:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    doc = path.read_text()
+    block = f"<!-- recovery:begin -->\n{text}\n<!-- recovery:end -->"
+    if "<!-- recovery:begin -->" in doc:
+        doc = re.sub(r"<!-- recovery:begin -->.*?<!-- recovery:end -->", lambda _: block, doc, flags=re.S)
+    else:
+        doc = doc.rstrip("\n") + "\n\n## Allocation recovery: `benchmarks/recovery.py`\n\n" + block + "\n"
+    atomic_write_text(path, doc)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--budget", default=BUDGET)
+    parser.add_argument("--gamma", type=float, default=0.3, help="planted spectral norm relative to ‖W‖_2")
+    parser.add_argument("--train", type=int, default=512)
+    parser.add_argument("--val", type=int, default=128)
+    parser.add_argument("--probe", type=int, default=256, help="examples the data-driven allocators see")
+    parser.add_argument("--length", type=int, default=48)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--plan-only", nargs="*", default=[], metavar="METHOD",
+                        help="methods whose plans are scored (planted share, ρ) but not trained")
+    parser.add_argument("--fresh", action="store_true", help="ignore earlier results")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (finished runs are kept)")
+    parser.add_argument("--report-only", nargs="*", type=Path, metavar="RESULTS",
+                        help="rewrite the table from these results files (default: the --out file)")
+    parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
+    args = parser.parse_args(argv)
+    if args.report_only is not None:
+        rows = [r for f in (args.report_only or [args.out]) for r in json.loads(Path(f).read_text())]
+    else:
+        rows = run(args)
+    text = report(rows, args)
+    print(text)
+    if not args.no_write:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()
