@@ -268,6 +268,7 @@ def bootstrap(losses: np.ndarray, tokens: np.ndarray, seeds: int, rng_seed: int 
 
 
 def report(results: dict) -> str:
+    """The setup line, one table per task and a summary line per task (statistics: module docstring)."""
     rows, setup = results["rows"], results["setup"]
     seeds = sorted({r["seed"] for r in rows if r["seed"] is not None and "error" not in r})
     lines = [f"{results['machine']}; seeds {', '.join(map(str, seeds))}; budget `{setup['budget']}` on all 35 linear "
@@ -289,6 +290,7 @@ def report(results: dict) -> str:
                   "| alloc s | train s |", "|---|---|---|---|---|---|---|---|",
                   f"| base (no adapter) | {base_loss:.4f} ± {(hi - lo) / 2:.4f} | | | | 0 | | |"]
         uniform = [s for s in seeds if ("uniform", s) in get]
+
         def matrix(method: str, ss: list[int]) -> np.ndarray:
             return np.asarray([get[method, s]["text_loss"] for s in ss])
 
@@ -330,8 +332,8 @@ def report(results: dict) -> str:
             summary.append(f"{task}: detectable {min(detectable):.4f}–{max(detectable):.4f} nats/token "
                            f"({share} of uniform's gain over the base, {gain:.4f}); beyond the interval: "
                            + ("; ".join(resolved) if resolved else "none")
-                           + "; uniform's learning curve (first 100 held-out texts, after each fifth of the steps): "
-                           + " → ".join(f"{c:.3f}" for c in curve))
+                           + f"; uniform's learning curve (first {CURVE} held-out texts, after each fifth of the "
+                           "steps): " + " → ".join(f"{c:.3f}" for c in curve))
     lines += ["(n): seeds trained. Trainable: mean count (largest deviation from uniform's). alloc s, train s: "
               "means over seeds (train s includes the learning-curve evaluations).", "",
               *[f"- {s}." for s in summary]]
