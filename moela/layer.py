@@ -180,10 +180,7 @@ class LoraMoELinear(nn.Module):
 
     def route(self, x: torch.Tensor) -> Routing:
         """The router's choice for every token of ``x`` (a router is required)."""
-        return self.routing(self.router(x))
-
-    def routing(self, logits: torch.Tensor) -> Routing:
-        """The choice made from router logits (…, E+M)."""
+        logits = self.router(x)
         if self.top_p is None and self.top_k == self.num_slots and not self.num_null:
             return Routing(logits, None, logits.softmax(-1), None)  # every expert selected: the full softmax
         if self.top_p is None:
@@ -210,26 +207,10 @@ class LoraMoELinear(nn.Module):
         if not self.routed:
             self._record(None)
             return self.column_scale
-        return self._column_gates(self.route(x))
-
-    def _column_gates(self, routing: Routing) -> torch.Tensor:
+        routing = self.route(x)
         self._record(RouterStats(routing.logits, indices=routing.indices, chosen=routing.chosen))
         gates, column_map = routing.gates(), self.column_map
         return gates @ (column_map if column_map.dtype == gates.dtype else column_map.to(gates.dtype))
-
-    def _stacked(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``[A; G]`` (R + E + M, d_in) when ``x``, the adapter and the router all compute in float32 (no
-        autocast, whole weights: not ZeRO-3-partitioned), else None. Rebuilt when either weight changes
-        (in-place updates bump the version; moves and loads change the storage)."""
-        a, g = self.lora_A.weight, self.router.weight
-        if (x.dtype != g.dtype or a.dtype != g.dtype or a.shape[-1] != x.shape[-1] or g.shape[-1] != x.shape[-1]
-                or torch.is_autocast_enabled(x.device.type)):
-            return None
-        key = (a._version, g._version, a.data_ptr(), g.data_ptr())
-        if self.__dict__.get("_stack_key") != key:
-            object.__setattr__(self, "_stack", torch.cat([a, g]).detach())
-            object.__setattr__(self, "_stack_key", key)
-        return self._stack
 
     def _record(self, stats: RouterStats | None) -> None:
         # A plain attribute: skip nn.Module.__setattr__'s parameter/module/buffer bookkeeping (every forward).
@@ -241,12 +222,6 @@ class LoraMoELinear(nn.Module):
             return y
         if self.training:  # dropout is the identity in evaluation: skip the call
             x = self.dropout(x)
-        elif self.routed and not torch.is_grad_enabled():
-            stacked = self._stacked(x)
-            if stacked is not None:  # inference: one GEMM gives the rank columns and the router logits
-                hz = F.linear(x, stacked)
-                h, logits = hz[..., :self.column_map.shape[1]], hz[..., self.column_map.shape[1]:]
-                return y + self.lora_B(h * self._column_gates(self.routing(logits))).to(y.dtype)
         lora_A = self.lora_A
         dtype = lora_A.weight.dtype
         # Under autocast, lora_A casts for itself (to the autocast dtype); else the adapter reads its own dtype.
