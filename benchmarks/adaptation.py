@@ -60,7 +60,7 @@ from moela.allocators import allocate
 from moela.allocators.budget import parse_budget
 from moela.io import atomic_write_text
 from moela.plan import layer_index
-from recovery import MODEL, ROOT, SHARED, VARIANTS, load_base
+from recovery import MODEL, ROOT, SHARED, VARIANTS, load_base, run_arguments
 
 RESULTS = ROOT / "benchmarks" / "results" / "adaptation.json"
 LLM = SHARED / "data" / "llm-adapters"
@@ -371,12 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", type=int, default=2000, help="training texts per task")
     parser.add_argument("--val", type=int, default=500, help="held-out texts per task")
     parser.add_argument("--probe", type=int, default=256, help="training texts the data-driven allocators see")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--fresh", action="store_true", help="ignore earlier results in --out")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (finished runs are kept)")
-    parser.add_argument("--report-only", nargs="*", type=Path, metavar="RESULTS",
-                        help="the tables from these results files (default: --out), nothing trained")
-    parser.add_argument("--no-write", action="store_true", help="print the tables, leave BENCHMARKS.md alone")
+    run_arguments(parser, RESULTS)
     args = parser.parse_args(argv)
     if not MODEL.is_dir():
         sys.exit(f"adaptation: {MODEL} not found; this benchmark reads stories260k and its texts from {SHARED}")

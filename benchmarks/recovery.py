@@ -326,6 +326,16 @@ def write_section(text: str) -> None:
     atomic_write_text(path, doc)
 
 
+def run_arguments(parser: argparse.ArgumentParser, results: Path) -> None:
+    """The options every results-file benchmark shares: threads, resume/fresh, output, report-only."""
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fresh", action="store_true", help="ignore earlier results in --out")
+    parser.add_argument("--out", type=Path, default=results, help="results file (finished runs are kept)")
+    parser.add_argument("--report-only", nargs="*", type=Path, metavar="RESULTS",
+                        help="the tables from these results files (default: --out), nothing trained")
+    parser.add_argument("--no-write", action="store_true", help="print the tables, leave BENCHMARKS.md alone")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
@@ -340,14 +350,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1.5e-2)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--plan-only", nargs="*", default=[], metavar="METHOD",
                         help="methods whose plans are scored (planted share, ρ) but not trained")
-    parser.add_argument("--fresh", action="store_true", help="ignore earlier results")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (finished runs are kept)")
-    parser.add_argument("--report-only", nargs="*", type=Path, metavar="RESULTS",
-                        help="rewrite the table from these results files (default: the --out file)")
-    parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
+    run_arguments(parser, RESULTS)
     args = parser.parse_args(argv)
     if args.report_only is not None:
         rows = [r for f in (args.report_only or [args.out]) for r in json.loads(Path(f).read_text())]
