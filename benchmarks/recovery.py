@@ -233,6 +233,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 except ValueError as err:  # e.g. a read-out whose smallest plan costs more than the budget
                     rows.append({"scenario": scenario, "method": method, "seed": seed, "error": str(err)})
                     print(f"{scenario:12s} {method:12s} seed {seed}: {err}", flush=True)
+                    save(args.out, rows)
                     continue
                 t0 = time.perf_counter()
                 loss = (train_student(plan, ids, targets, val_ids, val_targets, seed, args.steps, args.batch, args.lr)
@@ -246,9 +247,14 @@ def run(args: argparse.Namespace) -> list[dict]:
                 print(f"{scenario:12s} {method:12s} seed {seed}: KL {loss or math.nan:.4f} (base {base_kl:.4f}) planted share "
                       f"{row['planted_share']:.2f} rho {row['spearman']:+.2f} alloc {seconds:.1f}s "
                       f"train {row['train_s']:.1f}s", flush=True)
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(args.out, json.dumps(rows, indent=1) + "\n")
+                save(args.out, rows)
     return rows
+
+
+def save(path: Path, rows: list[dict]) -> None:
+    """Write the results so far (failed plans included), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(rows, indent=1) + "\n")
 
 
 def t95(n: int) -> float:
