@@ -8,6 +8,7 @@ mechanics. Reported per mechanics: the share of expert counts and ranks equal to
 of two seeds (same labels) and between real and shuffled labels (same seed). Search cost is in ``alloc s``.
 
     python benchmarks/guilomo_control.py --scenario middle --seeds 0 1 2
+    python benchmarks/guilomo_control.py --gsv-lr 3e-2 --out /tmp/g.json   # moela's mechanics at another lr
 """
 
 from __future__ import annotations
@@ -37,13 +38,17 @@ def main() -> None:
     parser.add_argument("--scenario", default="middle", choices=list(R.SCENARIOS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default=str(R.RESULTS.parent / "guilomo-control.json"))
+    parser.add_argument("--gsv-lr", type=float, help="outer learning rate of moela's mechanics (default: its own)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     ids = R.texts(512, 48)
     teacher, _ = R.make_teacher(args.scenario, 0.3)
     targets = R.teacher_targets(teacher, ids)
     out = {}
-    for label, options in MECHANICS.items():
+    mechanics = dict(MECHANICS)
+    if args.gsv_lr is not None:
+        mechanics["moela defaults"] = {"gsv_lr": args.gsv_lr}
+    for label, options in mechanics.items():
         plans, unmoved, seconds = {}, [], []
         for seed in args.seeds:
             real = R.sampled_examples(ids, targets, seed)[:256]
