@@ -49,7 +49,7 @@ MODEL = SHARED / "models" / "stories260k"
 RESULTS = ROOT / "benchmarks" / "results" / "recovery.json"
 TEXTS = ["boolq/train.json", "ARC-Easy/train.json", "openbookqa/train.json"]
 METHODS = ["uniform", "oracle", "mola", "hilo", "alphalora", "sensitivity", "guilomo", "guilomo-published",
-           "gradspec"]
+           "gradspec", "prune"]
 # Per-method options for a budget of rank-2 LoRA: fixed-rank methods use rank 1 (rank 8 experts on every
 # module would cost 4x the budget); GuiLoMo's supernet has 4 experts and no floor on the count, so that its
 # read-out (at least one rank-1 expert per module and expert) fits.
@@ -131,12 +131,16 @@ def kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor
     return (teacher_logp.exp() * (teacher_logp - logq)).sum(-1).mean()
 
 
-def sampled_examples(ids: torch.Tensor, teacher_logp: torch.Tensor, seed: int) -> list[dict]:
-    """Tokenised examples whose labels are tokens sampled from the teacher (label t+1 ~ teacher(· | ids ≤ t))."""
+def sampled_examples(ids: torch.Tensor, teacher_logp: torch.Tensor, seed: int, samples: int = 1) -> list[dict]:
+    """Tokenised examples whose labels are tokens sampled from the teacher (label t+1 ~ teacher(· | ids ≤ t)):
+    ``samples`` examples per text with independent draws, text-major."""
     g = torch.Generator().manual_seed(10_000 + seed)
-    draws = torch.multinomial(teacher_logp.exp().flatten(0, 1), 1, generator=g).view(ids.shape)
-    labels = torch.cat([torch.full((len(ids), 1), -100), draws[:, :-1]], 1)
-    return [{"input_ids": i.tolist(), "attention_mask": [1] * len(i), "labels": l.tolist()} for i, l in zip(ids, labels)]
+    draws = torch.multinomial(teacher_logp.exp().flatten(0, 1), samples, replacement=samples > 1, generator=g)
+    out = []
+    for i, d in zip(ids, draws.view(*ids.shape, samples).unbind(0)):
+        labels = torch.cat([torch.full((1, samples), -100), d[:-1]]).T
+        out += [{"input_ids": i.tolist(), "attention_mask": [1] * len(i), "labels": l.tolist()} for l in labels]
+    return out
 
 
 def oracle_plan(model: torch.nn.Module, planted: dict[str, int], budget: int) -> AllocationPlan:
@@ -163,6 +167,8 @@ def plan_for(method: str, model: torch.nn.Module, planted: dict[str, int], data:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             name, options = VARIANTS.get(method, (method, {}))
+            if moela.allocator(name).accepts("examples"):  # every probe example (several draws per text)
+                options = {**options, "examples": len(data)}
             plan = allocate(name, model, targets="all-linear", budget=budget, data=data, seed=seed,
                             **OPTIONS.get(name, {}), **options)
     return plan, time.perf_counter() - start
@@ -224,27 +230,28 @@ def run(args: argparse.Namespace) -> list[dict]:
     for seed in args.seeds:  # seed-major, so that an interrupted run has every scenario at the first seeds
         for scenario in args.scenarios:
             planted, targets, val_targets, base_kl = setups[scenario]
-            data = sampled_examples(ids, targets, seed)[:args.probe]
+            data = sampled_examples(ids[:args.probe], targets[:args.probe], seed, args.samples)
             for method in args.methods:
-                if (scenario, method, seed) in done:
+                label = method if args.samples == 1 else f"{method}×{args.samples}"
+                if (scenario, label, seed) in done:
                     continue
                 try:
                     plan, seconds = plan_for(method, load_base(), planted, data, seed, budget)
                 except ValueError as err:  # e.g. a read-out whose smallest plan costs more than the budget
-                    rows.append({"scenario": scenario, "method": method, "seed": seed, "error": str(err)})
-                    print(f"{scenario:12s} {method:12s} seed {seed}: {err}", flush=True)
+                    rows.append({"scenario": scenario, "method": label, "seed": seed, "error": str(err)})
+                    print(f"{scenario:12s} {label:12s} seed {seed}: {err}", flush=True)
                     save(args.out, rows)
                     continue
                 t0 = time.perf_counter()
                 loss = (train_student(plan, ids, targets, val_ids, val_targets, seed, args.steps, args.batch, args.lr)
                         if method not in args.plan_only else None)
-                row = {"scenario": scenario, "method": method, "seed": seed, "loss": loss, "base_kl": base_kl,
+                row = {"scenario": scenario, "method": label, "seed": seed, "loss": loss, "base_kl": base_kl,
                        "alloc_s": round(seconds, 3), "train_s": round(time.perf_counter() - t0, 3),
                        **plan_stats(plan, base, planted)}
                 if "unmoved" in plan.meta:
                     row["unmoved"] = plan.meta["unmoved"]
                 rows.append(row)
-                print(f"{scenario:12s} {method:12s} seed {seed}: KL {loss or math.nan:.4f} (base {base_kl:.4f}) planted share "
+                print(f"{scenario:12s} {label:12s} seed {seed}: KL {loss or math.nan:.4f} (base {base_kl:.4f}) planted share "
                       f"{row['planted_share']:.2f} rho {row['spearman']:+.2f} alloc {seconds:.1f}s "
                       f"train {row['train_s']:.1f}s", flush=True)
                 save(args.out, rows)
@@ -278,7 +285,8 @@ def fmt(value: float, half: float, spec: str) -> str:
 
 def report(rows: list[dict], args: argparse.Namespace) -> str:
     scenarios = [s for s in SCENARIOS if any(r["scenario"] == s for r in rows)]
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    labels = list(dict.fromkeys(r["method"] for r in rows))
+    methods = [m for m in METHODS if m in labels] + [m for m in labels if m not in METHODS]
     seeds = sorted({r["seed"] for r in rows if "error" not in r})
     failed = {(r["scenario"], r["method"]): r["error"] for r in rows if "error" in r}
     get = {(r["scenario"], r["method"], r["seed"]): r for r in rows if "error" not in r}
@@ -351,7 +359,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gamma", type=float, default=0.3, help="planted spectral norm relative to ‖W‖_2")
     parser.add_argument("--train", type=int, default=512)
     parser.add_argument("--val", type=int, default=128)
-    parser.add_argument("--probe", type=int, default=256, help="examples the data-driven allocators see")
+    parser.add_argument("--probe", type=int, default=256, help="texts the data-driven allocators see")
+    parser.add_argument("--samples", type=int, default=1,
+                        help="labels drawn from the teacher per probe text (methods are reported as NAME×S when > 1)")
     parser.add_argument("--length", type=int, default=48)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=16)

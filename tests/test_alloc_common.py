@@ -12,8 +12,9 @@ from moela.plan import AllocationPlan
 
 from tests.helpers import ARCHITECTURES, TARGETS, examples, tiny_model
 
-OPTIONS = {"sensitivity": {"mode": "proportional"}, "guilomo": {"max_steps": 3, "batch_size": 4}}
-DATA_DRIVEN = {"sensitivity", "guilomo", "gradspec"}
+OPTIONS = {"sensitivity": {"mode": "proportional"}, "guilomo": {"max_steps": 3, "batch_size": 4},
+           "prune": {"warmup": 3, "refit": 2, "batch_size": 4}}
+DATA_DRIVEN = {"sensitivity", "guilomo", "gradspec", "prune"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops run faster on one thread
@@ -23,7 +24,8 @@ def test_every_builtin_is_covered():
     assert set(available()) >= {"uniform", "lora", "mola", "hilo", "sensitivity", "alphalora", "guilomo"}
 
 
-@pytest.mark.parametrize("method", ["uniform", "mola", "hilo", "sensitivity", "alphalora", "guilomo", "gradspec"])
+@pytest.mark.parametrize("method", ["uniform", "mola", "hilo", "sensitivity", "alphalora", "guilomo", "gradspec",
+                                    "prune"])
 def test_deterministic_budgeted_and_recorded(method, tmp_path):
     model = tiny_model("qwen2")
     data = examples(12) if method in DATA_DRIVEN else None
@@ -54,7 +56,7 @@ def test_model_dependent_allocators_on_every_architecture(kind):
     model = tiny_model(kind)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     data = examples(12, classify=kind == "bert")
-    for method in ("sensitivity", "alphalora", "guilomo", "gradspec"):
+    for method in ("sensitivity", "alphalora", "guilomo", "gradspec", "prune"):
         plan = allocate(method, model, targets=TARGETS[kind], data=data, **OPTIONS.get(method, {}))
         plan.validate(model)
         assert plan.meta["budget"]["achieved"] == plan.num_trainable(model)

@@ -49,6 +49,20 @@ def test_oracle_and_gradspec_beat_uniform_on_a_planted_task():
     assert losses["gradspec"] < 0.9 * losses["uniform"]
 
 
+def test_prune_keeps_the_module_that_needs_an_update_and_leaves_the_model_as_it_was():
+    seed = 3
+    model, data = toy_task(seed)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    plan = allocate("prune", model, budget=TOY_BUDGET, data=data[:32], keep=0.5, warmup=40, refit=5, lr=0.02)
+    assert set(plan.modules) == {"layers.0.proj"}
+    (importance,) = plan.meta["scores"]["rounds"]
+    assert importance["layers.0.proj"] > 10 * abs(importance["layers.1.proj"])
+    assert abs(plan.num_trainable(model) - TOY_BUDGET) <= 0.02 * TOY_BUDGET
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert not model.training and [p.requires_grad for p in model.parameters()] == flags
+
+
 def test_hilo_keeps_depth_groups_equal_and_monotone_under_a_budget():
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(

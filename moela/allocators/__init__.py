@@ -13,7 +13,7 @@ plan, which covers any other allocator.
 
 from __future__ import annotations
 
-from . import alphalora, gradspec, guilomo, hilo, mola, sensitivity, uniform  # noqa: F401  (they register themselves)
+from . import alphalora, gradspec, guilomo, hilo, mola, prune, sensitivity, uniform  # noqa: F401  (they register themselves)
 from .registry import Allocator, allocate, allocator, available, options_for, register
 
 __all__ = ["Allocator", "allocate", "allocator", "available", "options_for", "register"]

@@ -1,0 +1,125 @@
+"""``prune``: give the budget to the modules whose warm-up adapters the held-out loss cannot do without.
+
+moela's own allocator (no paper; issue 14 item 7, see BENCHMARKS.md "Allocation recovery"). A rank-``rank``
+LoRA on every target is trained ``warmup`` steps (AdamW, eval mode) on the training split of the probe data.
+Then, round after round, every remaining adapter is switched off in turn and its importance is the rise of
+the held-out loss, ``I_m = L_val(all remaining but m) − L_val(all remaining)``; the ``drop`` share of the
+remaining modules with the smallest ``I_m`` lose their adapters for good, and the others are trained ``refit``
+more steps, so that what a dropped adapter did can move to the modules that really need an update — an
+adapter that only imitated a needed update elsewhere is dropped without loss once the needed one is learnt.
+This stops when ``keep`` (a share of the targets) remain. The survivors split the budget's rank equally, as
+``⌈R_m / expert_rank⌉`` experts of equal rank with top-k routing; the other targets get no adapter.
+
+Cost: ``warmup + refit · rounds`` training steps and, per round, one held-out pass per remaining module
+(``rounds ≈ log(keep) / log(1 − drop)``). Memory: that of LoRA training at rank ``rank``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layer import LoraMoELinear
+from ..plan import AllocationPlan, find_targets
+from .budget import apportion, finish, fit, parse_budget, routed, target_dims
+from .probe import Cost, holdout, pad_id, to_device
+from .registry import register
+
+
+def held_out_loss(model: nn.Module, val: list[dict], device: torch.device) -> float:
+    """Mean of ``model(**batch).loss`` over the held-out batches."""
+    with torch.no_grad():
+        return sum(float(model(**to_device(b, device)[0]).loss) for b in val) / len(val)
+
+
+def prune_search(model: nn.Module, names: list[str], train: list[dict], val: list[dict], *, rank: int, lr: float,
+                 warmup: int, refit: int, drop: float, keep: int, seed: int, cost: Cost
+                 ) -> tuple[list[str], list[dict[str, float]]]:
+    """The surviving target paths and the importances of every round (``{path: I_m}``). Adapters are swapped
+    in for ``names`` and the model gets its own modules, flags and mode back."""
+    device = next(model.parameters()).device
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    layers: dict[str, LoraMoELinear] = {}
+    step = 0
+
+    def train_steps(count: int, optimizer: torch.optim.Optimizer) -> None:
+        nonlocal step
+        for _ in range(count):
+            batch = train[step % len(train)]
+            loss = model(**to_device(batch, device)[0]).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            cost.add(batch)
+            step += 1
+
+    try:
+        model.eval()
+        model.requires_grad_(False)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for name in names:
+                layers[name] = LoraMoELinear(model.get_submodule(name), [rank], top_k=1)
+                model.set_submodule(name, layers[name])
+        optimizer = torch.optim.AdamW([p for l in layers.values() for p in (l.lora_A.weight, l.lora_B.weight)],
+                                      lr=lr, weight_decay=0.0)
+        train_steps(warmup, optimizer)
+        alive, rounds = list(names), []
+        while len(alive) > keep:
+            reference = held_out_loss(model, val, device)
+            importance = {}
+            for name in alive:
+                layers[name].disabled = True
+                importance[name] = held_out_loss(model, val, device) - reference
+                layers[name].disabled = False
+            rounds.append(importance)
+            for name in sorted(alive, key=lambda n: importance[n])[:min(len(alive) - keep, max(1, int(drop * len(alive))))]:
+                layers[name].disabled = True
+                layers[name].requires_grad_(False)
+                alive.remove(name)
+            train_steps(refit, optimizer)
+    finally:
+        for name, layer in layers.items():
+            model.set_submodule(name, layer.base_layer)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return alive, rounds
+
+
+@register("prune", needs_data=True, needs_weights=True, every_target=False)
+def prune(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None, seed: int = 0,
+          rank: int = 2, lr: float = 5e-3, warmup: int = 150, refit: int = 30, drop: float = 0.25,
+          keep: float = 0.2, expert_rank: int = 8, top_k: int = 2, examples: int = 256, batch_size: int = 16,
+          val_fraction: float = 0.25) -> AllocationPlan:
+    """Iterative pruning of warm-up adapters by held-out ablation (module docstring); the ``keep`` share of the
+    targets (at least one) survives and shares the budget equally, in experts of rank ≤ ``expert_rank``.
+    Without a budget: as many parameters as uniform 4 experts of rank 8 on every target."""
+    if not 0 < keep <= 1 or not 0 < drop < 1:
+        raise ValueError(f"prune needs 0 < keep <= 1 and 0 < drop < 1, got keep={keep}, drop={drop}")
+    names = find_targets(model, targets)
+    dims = target_dims(model, names)
+    target = parse_budget(budget, model, targets)
+    if target is None:
+        target = parse_budget("uniform:E=4,r=8", model, targets)
+    cost = Cost("prune")
+    train, val = holdout(data, val_fraction, batch_size, seed, pad_id(model), examples)
+    survivors, rounds = prune_search(model, names, train, val, rank=rank, lr=lr, warmup=warmup, refit=refit,
+                                     drop=drop, keep=max(1, round(keep * len(names))), seed=seed, cost=cost)
+
+    def build(total: int) -> dict:
+        plan = {}
+        for name, r in zip(survivors, apportion([1.0] * len(survivors), total, lo=1)):
+            plan[name] = routed(apportion([1.0] * math.ceil(r / expert_rank), r, lo=1), top_k)
+        return plan
+
+    modules, _ = fit(build, target, dims, lo=len(survivors),
+                     minimum=f"one rank-1 expert on each of the {len(survivors)} surviving modules")
+    options = {"rank": rank, "lr": lr, "warmup": warmup, "refit": refit, "drop": drop, "keep": keep,
+               "expert_rank": expert_rank, "top_k": top_k, "examples": examples, "batch_size": batch_size,
+               "val_fraction": val_fraction, "seed": seed}
+    return finish(modules, dims, "prune", options, target, {"rounds": rounds}, cost.report())
