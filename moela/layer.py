@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 
 SCALINGS = ("lora", "rslora")
 
@@ -24,6 +25,18 @@ def linear_dims(base: nn.Module) -> tuple[int, int]:
     if type(base).__name__ == "Conv1D" and hasattr(base, "nf"):
         return base.weight.shape[0], base.nf
     raise TypeError(f"{type(base).__name__} is not a linear layer (nn.Linear or transformers Conv1D)")
+
+
+def _plain(module: nn.Module, cls: type) -> bool:
+    """Whether ``module(x)`` only runs ``cls.forward`` on the parameters in ``module._parameters``: ``module`` is
+    exactly a ``cls`` (no subclass, no parametrization), and ``nn.Module.__call__`` would do nothing but call
+    ``forward`` (its own test: no hooks on the module nor global ones, so that hook-based sharding such as ZeRO-3
+    or FSDP sees every call it hooked; and no ``module.compile()``, no JIT tracing)."""
+    return (type(module) is cls and not (
+        module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks
+        or _module._global_forward_pre_hooks or _module._global_forward_hooks
+        or _module._global_backward_pre_hooks or _module._global_backward_hooks)
+        and module._compiled_call_impl is None and not torch._C._get_tracing_state())
 
 
 class RouterStats:
@@ -180,7 +193,10 @@ class LoraMoELinear(nn.Module):
 
     def route(self, x: torch.Tensor) -> Routing:
         """The router's choice for every token of ``x`` (a router is required)."""
-        logits = self.router(x)
+        return self._select(self.router(x))
+
+    def _select(self, logits: torch.Tensor) -> Routing:
+        """The routing given the router ``logits``."""
         if self.top_p is None and self.top_k == self.num_slots and not self.num_null:
             return Routing(logits, None, logits.softmax(-1), None)  # every expert selected: the full softmax
         if self.top_p is None:
@@ -207,9 +223,12 @@ class LoraMoELinear(nn.Module):
         if not self.routed:
             self._record(None)
             return self.column_scale
-        routing = self.route(x)
+        return self._column_gates(self.route(x))
+
+    def _column_gates(self, routing: Routing) -> torch.Tensor:
+        """The column gates of ``routing``, recorded in ``last_stats``."""
         self._record(RouterStats(routing.logits, indices=routing.indices, chosen=routing.chosen))
-        gates, column_map = routing.gates(), self.column_map
+        gates, column_map = routing.gates(), self._buffers["column_map"]
         return gates @ (column_map if column_map.dtype == gates.dtype else column_map.to(gates.dtype))
 
     def _record(self, stats: RouterStats | None) -> None:
@@ -217,6 +236,8 @@ class LoraMoELinear(nn.Module):
         object.__setattr__(self, "last_stats", stats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training or torch.is_grad_enabled()) and self._inferable(x):
+            return self._infer(x)
         y = self.base_layer(x)
         if self.disabled:
             return y
@@ -233,6 +254,39 @@ class LoraMoELinear(nn.Module):
             delta = delta.to(y.dtype)
         aux = self._auxiliary_loss() if self.training else None
         return y + delta if aux is None else _AddAuxiliaryLoss.apply(y, delta, aux)
+
+    def _inferable(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`_infer` may compute this forward: no autocast, the layer is no subclass, and calling its
+        adapter's submodules would only run their ``forward`` (:func:`_plain`)."""
+        modules = self._modules
+        router = modules.get("router")  # no router: the attribute is a plain None
+        return (type(self) is LoraMoELinear and not torch.is_autocast_enabled(x.device.type)
+                and _plain(modules["lora_A"], nn.Linear) and _plain(modules["lora_B"], nn.Linear)
+                and (router is None or _plain(router, Router)))
+
+    def _infer(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` in evaluation without autograd or autocast: the same operations, on the adapter's weights.
+
+        In decoding (a token or a few per call) ``nn.Module``'s attribute lookups and module calls cost about as
+        much as the matmuls, so the submodules and their weights are read from its registries and the weights used
+        directly.
+        """
+        modules = self._modules
+        y = modules["base_layer"](x)
+        if self.disabled:
+            return y
+        weight_A, router = modules["lora_A"]._parameters["weight"], modules.get("router")
+        h = F.linear(x if x.dtype == weight_A.dtype else x.to(weight_A.dtype), weight_A)
+        if router is None:
+            self._record(None)
+            gates = self._buffers["column_scale"]
+        else:
+            weight_G = router._parameters["weight"]
+            gates = self._column_gates(self._select(F.linear(x if x.dtype == weight_G.dtype else x.to(weight_G.dtype),
+                                                             weight_G)))
+        delta = F.linear(h * (gates if gates.dtype == h.dtype else gates.to(h.dtype)),
+                         modules["lora_B"]._parameters["weight"])
+        return y + (delta if delta.dtype == y.dtype else delta.to(y.dtype))
 
     def _auxiliary_loss(self) -> torch.Tensor | None:
         """``balance_coef · L_bal`` of this forward (or None) to attach to the output; sets ``last_balance``."""

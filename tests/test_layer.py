@@ -331,3 +331,58 @@ def test_every_expert_selected_routes_by_the_full_softmax():
     assert layer.last_stats.selected.all()
     torch.testing.assert_close(layer.route(x).gates(), layer.router(x).softmax(-1))
     torch.testing.assert_close(layer.balance_loss(), torch.tensor(1.0, dtype=torch.float64))  # f_i = 1/E
+
+
+
+INFERENCE = {**GENERATION, "single expert (LoRA)": dict(ranks=[4], top_k=1), "every expert": dict(ranks=[2, 4], top_k=2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("batch_size", [1, 8])
+@pytest.mark.parametrize("routing", INFERENCE)
+def test_inference_path_equals_module_call_path(routing, batch_size, dtype, monkeypatch):
+    """Greedy decoding without autograd takes the direct path on the weights (``_infer``); it gives exactly the
+    tokens, logits and routing of the module-call path (forced here by a global forward hook, as hook-based
+    sharding would), and a forward with autograd on gives exactly its logits."""
+    from transformers import GenerationConfig
+
+    from tests.helpers import tiny_model
+
+    model = tiny_model("llama").to(dtype)
+    torch.manual_seed(3)
+    for name in [n for n, _ in model.named_modules() if n.endswith("_proj")]:
+        layer = LoraMoELinear(model.get_submodule(name), **INFERENCE[routing])
+        nn.init.normal_(layer.lora_B.weight, std=0.3)
+        model.set_submodule(name, layer)
+    model.eval()
+    layers = [m for m in model.modules() if isinstance(m, LoraMoELinear)]
+    direct = []
+    infer = LoraMoELinear._infer
+    monkeypatch.setattr(LoraMoELinear, "_infer", lambda self, x: direct.append(1) or infer(self, x))
+    prompt = torch.randint(3, 97, (batch_size, 5), generator=torch.Generator().manual_seed(batch_size))
+    config = GenerationConfig(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                              output_logits=True, return_dict_in_generate=True)
+
+    def generate():
+        out = model.generate(prompt, generation_config=config)
+        stats = [layer.last_stats for layer in layers]
+        return out, [None if s is None else (s.logits, s.selected) for s in stats]
+
+    fast, fast_stats = generate()
+    assert len(direct) == len(layers) * config.max_new_tokens
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: None)
+    try:
+        slow, slow_stats = generate()
+    finally:
+        hook.remove()
+    assert len(direct) == len(layers) * config.max_new_tokens  # the hook sent every forward down the module calls
+    assert torch.equal(fast.sequences, slow.sequences)
+    for step, (a, b) in enumerate(zip(fast.logits, slow.logits)):
+        assert torch.equal(a, b), f"step {step}"
+    for a, b in zip(fast_stats, slow_stats):
+        assert (a is None) == (b is None) == (INFERENCE[routing]["ranks"] == [4])
+        if a is not None:
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with torch.no_grad():
+        logits = model(fast.sequences).logits
+    assert torch.equal(logits, model(fast.sequences).logits.detach())
