@@ -143,6 +143,21 @@ def sampled_examples(ids: torch.Tensor, teacher_logp: torch.Tensor, seed: int, s
     return out
 
 
+def soft_probe(model: torch.nn.Module, examples: list[dict], teacher_logp: torch.Tensor) -> list[dict]:
+    """``examples`` (one per text, in the order of ``teacher_logp``) with a ``row`` index, and ``model``'s forward
+    replaced, on this instance, by one whose ``loss`` is ``kl`` to the teacher's distributions at those rows:
+    the allocators see the students' objective instead of sampled labels."""
+    forward = model.forward
+
+    def distill(input_ids=None, attention_mask=None, labels=None, row=None, **kwargs):
+        out = forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        out["loss"] = kl(out.logits, teacher_logp[row.to(teacher_logp.device)])
+        return out
+
+    model.forward = distill
+    return [{**e, "row": i} for i, e in enumerate(examples)]
+
+
 def oracle_plan(model: torch.nn.Module, planted: dict[str, int], budget: int) -> AllocationPlan:
     """One expert per planted module, ranks ∝ planted ranks, total rank chosen so the cost is closest to the
     budget."""
@@ -232,11 +247,13 @@ def run(args: argparse.Namespace) -> list[dict]:
             planted, targets, val_targets, base_kl = setups[scenario]
             data = sampled_examples(ids[:args.probe], targets[:args.probe], seed, args.samples)
             for method in args.methods:
-                label = method if args.samples == 1 else f"{method}×{args.samples}"
+                label = method + (f"×{args.samples}" if args.samples > 1 else "") + ("/soft" if args.soft else "")
                 if (scenario, label, seed) in done:
                     continue
                 try:
-                    plan, seconds = plan_for(method, load_base(), planted, data, seed, budget)
+                    model = load_base()
+                    probe = soft_probe(model, data, targets[:args.probe]) if args.soft else data
+                    plan, seconds = plan_for(method, model, planted, probe, seed, budget)
                 except ValueError as err:  # e.g. a read-out whose smallest plan costs more than the budget
                     rows.append({"scenario": scenario, "method": label, "seed": seed, "error": str(err)})
                     print(f"{scenario:12s} {label:12s} seed {seed}: {err}", flush=True)
@@ -362,6 +379,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--probe", type=int, default=256, help="texts the data-driven allocators see")
     parser.add_argument("--samples", type=int, default=1,
                         help="labels drawn from the teacher per probe text (methods are reported as NAME×S when > 1)")
+    parser.add_argument("--soft", action="store_true",
+                        help="the allocators' loss is the KL to the teacher's distributions (what the students "
+                             "train on) instead of the sampled labels' cross-entropy (reported as NAME/soft)")
     parser.add_argument("--length", type=int, default=48)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=16)
@@ -370,6 +390,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="methods whose plans are scored (planted share, ρ) but not trained")
     run_arguments(parser, RESULTS)
     args = parser.parse_args(argv)
+    if args.soft and args.samples > 1:
+        parser.error("--soft replaces the sampled labels: give it without --samples")
     if args.report_only is not None:
         rows = [r for f in (args.report_only or [args.out]) for r in json.loads(Path(f).read_text())]
     else:

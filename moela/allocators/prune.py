@@ -93,7 +93,7 @@ def prune_search(model: nn.Module, names: list[str], train: list[dict], val: lis
 
 @register("prune", needs_data=True, needs_weights=True, every_target=False)
 def prune(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None, seed: int = 0,
-          rank: int = 2, lr: float = 5e-3, warmup: int = 150, refit: int = 30, drop: float = 0.25,
+          rank: int = 4, lr: float = 2e-3, warmup: int = 100, refit: int = 20, drop: float = 0.25,
           keep: float = 0.2, expert_rank: int = 8, top_k: int = 2, examples: int = 256, batch_size: int = 16,
           val_fraction: float = 0.25) -> AllocationPlan:
     """Iterative pruning of warm-up adapters by held-out ablation (module docstring); the ``keep`` share of the
