@@ -18,6 +18,7 @@ from ..layer import linear_dims
 from ..plan import AllocationPlan, ModulePlan, layer_index
 
 TOLERANCE = 0.02
+DEFAULT_BUDGET = "uniform:E=4,r=8"  # what an allocator that needs a budget spends when given none
 _UNIFORM = re.compile(r"uniform:(.*)")
 _KEYS = {"E": "experts", "experts": "experts", "r": "rank", "rank": "rank", "k": "top_k", "top_k": "top_k"}
 

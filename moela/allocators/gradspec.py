@@ -24,7 +24,7 @@ from torch import nn
 
 from ..distributed import process_group
 from ..plan import AllocationPlan, find_targets
-from .budget import apportion, finish, fit, parse_budget, routed, target_dims
+from .budget import DEFAULT_BUDGET, apportion, finish, fit, parse_budget, routed, target_dims
 from .probe import Cost, batches, pad_id
 from .registry import register
 from .sensitivity import backward_hooks, squared_grad_norm
@@ -72,9 +72,7 @@ def gradspec(model: nn.Module, *, targets: Any, budget: int | str | None = None,
     the raw ``σ_j²``."""
     names = find_targets(model, targets)
     dims = target_dims(model, names)
-    target = parse_budget(budget, model, targets)
-    if target is None:
-        target = parse_budget("uniform:E=4,r=8", model, targets)
+    target = parse_budget(budget if budget is not None else DEFAULT_BUDGET, model, targets)
     cost = Cost("gradspec")
     spectra = gradient_spectra(model, names, batches(data, batch_size, examples, seed, pad_id(model)), cost)
     units = []

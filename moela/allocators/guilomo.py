@@ -27,7 +27,7 @@ from ..layer import LoraMoELinear, RouterStats
 from ..model import balance_loss
 from ..plan import AllocationPlan, ModulePlan, find_targets
 from .budget import apportion, finish, fit, parse_budget, routed, target_dims
-from .probe import Cost, holdout, pad_id, size, to_device
+from .probe import Cost, holdout, pad_id, size, swapped, to_device
 from .registry import register
 
 RANK_OFF = 1e-4  # scale of the rank rows beyond the selected prefix
@@ -179,18 +179,11 @@ def search(model: nn.Module, names: list[str], train: list[dict], val: list[dict
     fixes the result. With several processes each step takes one batch per process and averages the gradients
     over them, so the GSVs stay identical on every process."""
     device = next(model.parameters()).device
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    layers: dict[str, GSVLinear] = {}
-    try:
-        model.eval()
-        model.requires_grad_(False)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            for name in names:
-                layers[name] = GSVLinear(model.get_submodule(name), experts, rank, top_k, alpha, min_experts,
-                                         **(layer_options or {}))
-                model.set_submodule(name, layers[name])
+
+    def make(base: nn.Module) -> GSVLinear:
+        return GSVLinear(base, experts, rank, top_k, alpha, min_experts, **(layer_options or {}))
+
+    with swapped(model, names, make, seed) as layers:
         start = {name: layer.readout() for name, layer in layers.items()}
         weights = [p for l in layers.values() for p in (l.lora_A.weight, l.lora_B.weight, l.router.weight, l.rank_scale)]
         arch = [p for l in layers.values() for p in (l.expert_gsv, l.rank_gsv)]
@@ -224,12 +217,6 @@ def search(model: nn.Module, names: list[str], train: list[dict], val: list[dict
                 bar.set_postfix(stable=stable)
                 if stable >= patience:
                     break
-    finally:
-        for name, layer in layers.items():
-            model.set_submodule(name, layer.base_layer)
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
     return layers, start
 
 

@@ -1,4 +1,5 @@
-"""Probe data for the data-driven allocators: batches from a DataLoader or from tokenised examples, and cost.
+"""Probe data for the data-driven allocators: batches from a DataLoader or from tokenised examples, their cost,
+and the search layers some allocators swap into the model while they probe it.
 
 ``data`` is a ``torch.utils.data.DataLoader`` (or any iterable of batches: dicts of tensors that
 ``model(**batch)`` accepts, with ``labels``), or a list / ``datasets.Dataset`` of tokenised examples (dicts
@@ -9,9 +10,11 @@ padded on the right (labels with -100). Either may carry a ``task`` id, which is
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from torch import nn
 
 from ..data import Collator
 
@@ -115,3 +118,31 @@ def holdout(data: Any, fraction: float, batch_size: int, seed: int = 0, pad_toke
         raise ValueError("need at least 2 batches to hold out a validation batch")
     val = [b for i, b in enumerate(loaded) if i % every == every - 1] or loaded[-1:]
     return [b for b in loaded if not any(b is v for v in val)], val
+
+
+@contextmanager
+def swapped(model: nn.Module, names: Sequence[str], make: Callable[[nn.Module], nn.Module],
+            seed: int) -> Iterator[dict[str, nn.Module]]:
+    """``{path: make(module)}`` swapped in for the ``names`` of ``model`` (built after ``torch.manual_seed(seed)``,
+    the global random state restored afterwards), with the model frozen and in eval mode; on exit the model gets
+    its own modules (``make``'s layer keeps the original as ``base_layer``), ``requires_grad`` flags and mode back.
+    """
+    device = next(model.parameters()).device
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    layers: dict[str, nn.Module] = {}
+    try:
+        model.eval()
+        model.requires_grad_(False)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for name in names:
+                layers[name] = make(model.get_submodule(name))
+                model.set_submodule(name, layers[name])
+        yield layers
+    finally:
+        for name, layer in layers.items():
+            model.set_submodule(name, layer.base_layer)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)

@@ -24,8 +24,8 @@ from torch import nn
 
 from ..layer import LoraMoELinear
 from ..plan import AllocationPlan, find_targets
-from .budget import apportion, finish, fit, parse_budget, routed, target_dims
-from .probe import Cost, holdout, pad_id, to_device
+from .budget import DEFAULT_BUDGET, apportion, finish, fit, parse_budget, routed, target_dims
+from .probe import Cost, holdout, pad_id, swapped, to_device
 from .registry import register
 
 
@@ -41,9 +41,6 @@ def prune_search(model: nn.Module, names: list[str], train: list[dict], val: lis
     """The surviving target paths and the importances of every round (``{path: I_m}``). Adapters are swapped
     in for ``names`` and the model gets its own modules, flags and mode back."""
     device = next(model.parameters()).device
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    layers: dict[str, LoraMoELinear] = {}
     step = 0
 
     def train_steps(count: int, optimizer: torch.optim.Optimizer) -> None:
@@ -57,14 +54,7 @@ def prune_search(model: nn.Module, names: list[str], train: list[dict], val: lis
             cost.add(batch)
             step += 1
 
-    try:
-        model.eval()
-        model.requires_grad_(False)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            for name in names:
-                layers[name] = LoraMoELinear(model.get_submodule(name), [rank], top_k=1)
-                model.set_submodule(name, layers[name])
+    with swapped(model, names, lambda base: LoraMoELinear(base, [rank], top_k=1), seed) as layers:
         optimizer = torch.optim.AdamW([p for l in layers.values() for p in (l.lora_A.weight, l.lora_B.weight)],
                                       lr=lr, weight_decay=0.0)
         train_steps(warmup, optimizer)
@@ -77,17 +67,12 @@ def prune_search(model: nn.Module, names: list[str], train: list[dict], val: lis
                 importance[name] = held_out_loss(model, val, device) - reference
                 layers[name].disabled = False
             rounds.append(importance)
-            for name in sorted(alive, key=lambda n: importance[n])[:min(len(alive) - keep, max(1, int(drop * len(alive))))]:
+            dropped = min(len(alive) - keep, max(1, int(drop * len(alive))))
+            for name in sorted(alive, key=lambda n: importance[n])[:dropped]:
                 layers[name].disabled = True
                 layers[name].requires_grad_(False)
                 alive.remove(name)
             train_steps(refit, optimizer)
-    finally:
-        for name, layer in layers.items():
-            model.set_submodule(name, layer.base_layer)
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
     return alive, rounds
 
 
@@ -103,9 +88,7 @@ def prune(model: nn.Module, *, targets: Any, budget: int | str | None = None, da
         raise ValueError(f"prune needs 0 < keep <= 1 and 0 < drop < 1, got keep={keep}, drop={drop}")
     names = find_targets(model, targets)
     dims = target_dims(model, names)
-    target = parse_budget(budget, model, targets)
-    if target is None:
-        target = parse_budget("uniform:E=4,r=8", model, targets)
+    target = parse_budget(budget if budget is not None else DEFAULT_BUDGET, model, targets)
     cost = Cost("prune")
     train, val = holdout(data, val_fraction, batch_size, seed, pad_id(model), examples)
     survivors, rounds = prune_search(model, names, train, val, rank=rank, lr=lr, warmup=warmup, refit=refit,
