@@ -183,7 +183,7 @@ def plan_for(method: str, model: torch.nn.Module, planted: dict[str, int], data:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             name, options = VARIANTS.get(method, (method, {}))
-            if moela.allocator(name).accepts("examples"):  # every probe example (several draws per text)
+            if "examples" in moela.allocator(name).options:  # every probe example (several draws per text)
                 options = {**options, "examples": len(data)}
             plan = allocate(name, model, targets="all-linear", budget=budget, data=data, seed=seed,
                             **OPTIONS.get(name, {}), **options)

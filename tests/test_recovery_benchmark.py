@@ -1,0 +1,64 @@
+"""benchmarks/recovery.py in miniature, on the real stories260k (skipped without ../shared): the probes the
+allocators see (several label draws per text; the soft probe's loss is the students' KL) and a tiny run whose
+rows are labelled by probe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moela.allocators.probe import collate
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def recovery(monkeypatch, shared, one_thread):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import recovery
+
+    return recovery
+
+
+@pytest.fixture
+def teacher_data(recovery):
+    ids = recovery.texts(6, 12)
+    teacher, _ = recovery.make_teacher("deep", 0.3)
+    return ids, recovery.teacher_targets(teacher, ids)
+
+
+def test_several_draws_per_text_are_text_major_and_differ(recovery, teacher_data):
+    ids, targets = teacher_data
+    one = recovery.sampled_examples(ids, targets, seed=0)
+    three = recovery.sampled_examples(ids, targets, seed=0, samples=3)
+    assert len(one) == 6 and len(three) == 18
+    assert [e["input_ids"] for e in three[:3]] == [ids[0].tolist()] * 3
+    assert all(e["labels"][0] == -100 and e["labels"][1:] for e in three)
+    assert len({tuple(e["labels"]) for e in three[:3]}) > 1
+
+
+def test_soft_probe_loss_is_the_students_kl(recovery, teacher_data):
+    ids, targets = teacher_data
+    model = recovery.load_base()
+    probe = recovery.soft_probe(model, recovery.sampled_examples(ids, targets, seed=0), targets)
+    batch = collate(probe[2:5])
+    with torch.no_grad():
+        loss = model(**batch).loss
+        expected = recovery.kl(recovery.load_base()(input_ids=ids[2:5]).logits, targets[2:5])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_tiny_run_labels_rows_by_probe(recovery, tmp_path, capsys):
+    out = tmp_path / "recovery.json"
+    argv = ["--scenarios", "deep", "--methods", "uniform", "prune", "--seeds", "0", "--steps", "2", "--train", "16",
+            "--val", "8", "--probe", "8", "--length", "12", "--soft", "--no-write", "--out", str(out)]
+    recovery.main(argv)
+    rows = json.loads(out.read_text())
+    assert [r["method"] for r in rows] == ["uniform/soft@8", "prune/soft@8"]
+    assert all(r["loss"] > 0 and 0 <= r["planted_share"] <= 1 for r in rows)
+    assert "| prune/soft@8 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        recovery.main([*argv, "--samples", "2"])  # --soft replaces the sampled labels
