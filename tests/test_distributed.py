@@ -182,12 +182,13 @@ def probe_examples() -> list[dict]:
     return out
 
 
-def plans(methods: tuple[str, ...] = ("sensitivity", "guilomo")) -> dict:
-    """The sensitivity and GuiLoMo plans (modules and scores) of this process."""
+def plans(methods: tuple[str, ...] = ("sensitivity", "guilomo", "prune")) -> dict:
+    """The sensitivity, GuiLoMo and prune plans (modules and scores) of this process."""
     model, data = tiny_model("llama"), probe_examples()
     options = {"sensitivity": dict(targets="all-linear", experts=2, rank=2),
                "guilomo": dict(targets=["q_proj", "down_proj"], experts=3, rank=2, max_steps=4, batch_size=2,
-                               val_fraction=0.25, lr=1e-2, gsv_lr=0.1)}
+                               val_fraction=0.25, lr=1e-2, gsv_lr=0.1),
+               "prune": dict(targets="all-linear", warmup=6, refit=2, batch_size=2)}
     out = {}
     for method in methods:
         plan = allocate(method, model, data=data, **options[method])
@@ -206,8 +207,8 @@ def allocate_in_group(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_data_driven_allocators_agree_across_processes(tmp_path):
-    """Sensitivity scores are those of one process (up to summation order); GuiLoMo's GSVs and both plans are
-    identical on every process."""
+    """Sensitivity scores are those of one process (up to summation order); GuiLoMo's GSVs, prune's
+    importances and all three plans are identical on every process."""
     mp.spawn(allocate_in_group, args=(2, free_port(), str(tmp_path)), nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert rank0 == rank1

@@ -12,6 +12,8 @@ This stops when ``keep`` (a share of the targets) remain. The survivors split th
 
 Cost: ``warmup + refit · rounds`` training steps and, per round, one held-out pass per remaining module
 (``rounds ≈ log(keep) / log(1 − drop)``). Memory: that of LoRA training at rank ``rank``.
+Several processes: each runs the whole search on all the probe data, without communication; the seed makes
+their plans equal (the run pipeline keeps the main process's in any case).
 """
 
 from __future__ import annotations
