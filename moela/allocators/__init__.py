@@ -7,8 +7,8 @@ method needs and which options it takes, so nothing outside a method's module na
 Several processes (``torch.distributed`` initialised, e.g. under ``accelerate launch``): the data-driven
 allocators split their probe batches across the processes and combine the results, so every process gets the
 same plan — ``sensitivity`` sums the scores of all processes in rank order, ``guilomo`` averages the search
-gradients (GSVs and weights stay identical everywhere); ``prune`` runs whole on every process. The run pipeline also broadcasts the main process's
-plan, which covers any other allocator.
+gradients (GSVs and weights stay identical everywhere); ``prune`` runs whole on every process. The run
+pipeline also broadcasts the main process's plan, which covers any other allocator.
 """
 
 from __future__ import annotations
