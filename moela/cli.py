@@ -327,6 +327,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             print(f"moela: error: {message}", file=sys.stderr)
         return 1
+    finally:
+        if "torch.distributed" in sys.modules:  # a command that loaded torch may have started a process group
+            from .distributed import shut_down
+
+            shut_down()
     return 0
 
 

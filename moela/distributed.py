@@ -28,6 +28,16 @@ def process_group() -> tuple[int, int]:
     return 0, 1
 
 
+def shut_down() -> None:
+    """Destroy the process group, if one was started, before the interpreter exits. Left to the interpreter's
+    finalisation, gloo's threads now and then abort a process that has finished its work ("terminate called
+    without an active exception", SIGABRT), and the launcher reports the run as failed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def broadcast(value: Any) -> Any:
     """The main process's ``value`` on every process (a broadcast when several run; else ``value``)."""
     import torch.distributed as dist
