@@ -315,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = lambda message, *_, **__: print(f"moela: warning: {message}", file=sys.stderr)
         if not getattr(ns, "light", False):  # commands that load models
             quiet()
+    dist = sys.modules.get("torch.distributed")
+    inherited = dist is not None and dist.is_available() and dist.is_initialized()  # the caller's: left alone
     try:
         ns.func(ns)
     except KeyboardInterrupt:
@@ -328,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"moela: error: {message}", file=sys.stderr)
         return 1
     finally:
-        if "torch.distributed" in sys.modules:  # a command that loaded torch may have started a process group
+        if not inherited and "torch.distributed" in sys.modules:  # the command may have started a process group
             from .distributed import shut_down
 
             shut_down()

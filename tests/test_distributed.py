@@ -32,24 +32,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# A gloo process on CPU rarely dies of std::terminate in a C++ thread of torch's (once in about 20 launches here,
-# 2026-11-30, right after the sensitivity probe); a launch that fails with exactly this message is run once more.
-GLOO_ABORT = "terminate called without an active exception"
-
-
 def launch(launcher: list[str], args: list[str], module: str = "moela.cli", **env: str) -> str:
-    """Run ``module`` (the moela command) under ``launcher``; its stderr. A launch that died of ``GLOO_ABORT``
-    is repeated once, into an emptied ``output_dir`` (not a ``--resume``, whose folder is the test's input)."""
+    """Run ``module`` (the moela command) under ``launcher``; its stderr."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "1", **env}
-    for attempt in (1, 2):
-        done = subprocess.run([sys.executable, "-m", *launcher, "-m", module, *args], env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
-        if done.returncode == 0 or attempt == 2 or GLOO_ABORT not in done.stderr or "--resume" in args:
-            break
-        for arg in args:
-            if arg.startswith("output_dir="):
-                shutil.rmtree(arg.split("=", 1)[1], ignore_errors=True)
+    done = subprocess.run([sys.executable, "-m", *launcher, "-m", module, *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stderr
 

@@ -333,7 +333,6 @@ def test_every_expert_selected_routes_by_the_full_softmax():
     torch.testing.assert_close(layer.balance_loss(), torch.tensor(1.0, dtype=torch.float64))  # f_i = 1/E
 
 
-
 INFERENCE = {**GENERATION, "single expert (LoRA)": dict(ranks=[4], top_k=1), "every expert": dict(ranks=[2, 4], top_k=2)}
 
 
