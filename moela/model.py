@@ -167,8 +167,8 @@ def _capture_attention_mask(module: nn.Module, args: tuple, kwargs: dict) -> Non
             mask = None
     mask = mask if isinstance(mask, torch.Tensor) and mask.dim() in (2, 3) else None
     object.__setattr__(module, _MASK_ATTR, mask)
-    for layer in module._moela_layers:
-        layer.token_mask = mask
+    for layer in module._moela_layers:  # a plain attribute: skip nn.Module.__setattr__'s bookkeeping (every forward)
+        object.__setattr__(layer, "token_mask", mask)
 
 
 def _token_mask(mask: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor | None:

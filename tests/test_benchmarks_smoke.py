@@ -60,3 +60,12 @@ def test_speed_variants_train_generate_and_match_budgets():
         after = [p for p in model.parameters() if p.requires_grad]
         assert any(not torch.equal(a, b) for a, b in zip(before, after)), f"{name}: AdamW changed nothing"
         speed.generate_fn(model.eval(), args)()
+
+
+def test_decode_profile_counts_every_adapted_module_per_token():
+    decode_profile = load("decode_profile")
+    args = decode_profile.speed.parse(["--hidden", "32", "--intermediate", "48", "--layers", "2", "--heads", "4",
+                                       "--vocab", "97", "--prompt", "3", "--new-tokens", "3", "--threads", "1"])
+    ops, wall_ms, forwards = decode_profile.op_table("uniform", args, 1)
+    assert forwards == 3 and wall_ms > 0
+    assert ops["aten::topk"][0] == 7 * args.layers * forwards  # one routing per module per forward: the prompt's and 2 decoding steps
