@@ -42,15 +42,17 @@ def op_table(name: str, args, batch_size: int) -> tuple[dict, float, int]:
 def main(argv: list[str] | None = None) -> None:
     args = speed.parse(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
-    modules = 7 * args.layers
+    modules = len(speed.PROJECTIONS) * args.layers
     for size in args.gen_batches:
         tables = {name: op_table(name, args, size) for name in VARIANTS}
         print(f"# decode profile: batch {size}, {args.new_tokens} forwards (the prompt's and {args.new_tokens - 1} "
               f"decoding steps), {modules} adapted modules, {args.threads} threads, torch {torch.__version__}; "
               f"per module = per adapted module and forward")
-        names = {op for ops, _, _ in tables.values() for op in ops}
-        per_module = {op: {v: (c / (modules * n), us / (modules * n)) for v, (ops, _, n) in tables.items()
-                           for c, us in [ops.get(op, (0, 0.0))]} for op in names}
+        per_module = {}  # operator -> variant -> (calls, self µs) per adapted module and forward
+        for name, (ops, _, n) in tables.items():
+            for op, (count, us) in ops.items():
+                per_module.setdefault(op, {v: (0.0, 0.0) for v in VARIANTS})[name] = (count / (modules * n),
+                                                                                       us / (modules * n))
         print(f"{'operator':<40}" + "".join(f" {v + ' calls':>13} {'µs':>7}" for v in VARIANTS) + f" {'Δ µs':>7}")
         for op, cells in sorted(per_module.items(), key=lambda kv: -max(us for _, us in kv[1].values())):
             if max(us for _, us in cells.values()) < 0.5:
@@ -59,8 +61,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{op[:40]:<40}{line} {cells['uniform'][1] - cells['peft'][1]:+7.2f}")
         for name, (ops, wall_ms, n) in tables.items():
             self_us = sum(us for _, us in ops.values())
-            print(f"{name}: ATen self CPU {self_us / 1e3 / n:.2f} ms per forward ({self_us / (modules * n):.1f} µs per "
-                  f"module), wall {wall_ms / n:.2f} ms per forward under the profiler")
+            print(f"{name}: ATen self CPU {self_us / 1e3 / n:.2f} ms per forward ({self_us / (modules * n):.1f} µs "
+                  f"per module), wall {wall_ms / n:.2f} ms per forward under the profiler")
 
 
 if __name__ == "__main__":
