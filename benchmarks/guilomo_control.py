@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default=str(R.RESULTS.parent / "guilomo-control.json"))
     parser.add_argument("--gsv-lr", type=float, help="outer learning rate of moela's mechanics (default: its own)")
+    parser.add_argument("--epochs", type=float, help="search passes of moela's mechanics (default: its own)")
+    parser.add_argument("--no-published", action="store_true", help="skip the public code's mechanics")
     args = parser.parse_args()
     torch.set_num_threads(1)
     ids = R.texts(512, 48)
@@ -46,8 +48,11 @@ def main() -> None:
     targets = R.teacher_targets(teacher, ids)
     out = {}
     mechanics = dict(MECHANICS)
-    if args.gsv_lr is not None:
-        mechanics["moela defaults"] = {"gsv_lr": args.gsv_lr}
+    if args.no_published:
+        del mechanics["published"]
+    for option in ("gsv_lr", "epochs"):
+        if getattr(args, option) is not None:
+            mechanics["moela defaults"] = {**mechanics["moela defaults"], option: getattr(args, option)}
     for label, options in mechanics.items():
         plans, unmoved, seconds = {}, [], []
         for seed in args.seeds:

@@ -9,8 +9,9 @@ The model is a randomly initialised Llama built from ``LlamaConfig`` (default hi
   same budget;
 - ``loop``: the ``uniform`` plan computed by the per-expert Python loop (:class:`moela.reference.LoopLoraMoELinear`).
 
-A training step is forward + backward + AdamW step (moela variants add 1e-3 × the balance loss, as training
-does). Step times are interleaved over rounds so that machine drift hits every variant alike; the ratio
+A training step is forward + backward + AdamW step; every routed variant trains with 1e-3 × the balance loss
+once: moela's layers add it to the router gradients themselves (``inject(balance_coef=1e-3)``, as in any
+training), the loop adds ``moela.balance_loss`` to its loss (:func:`step_loss`). Step times are interleaved over rounds so that machine drift hits every variant alike; the ratio
 columns are medians of per-round ratios. Peak memory is measured in a fresh subprocess per variant over two
 training steps: on CPU the growth of the peak resident set (VmHWM, reset after loading) over the loaded
 model, on CUDA the growth of ``max_memory_allocated``. Generation is greedy ``generate`` with the KV cache at each
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -45,6 +47,8 @@ VARIANTS = ("peft", "uniform", "hetero", "loop")
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HETERO = [[4, 4], [2, 2, 4, 4], [2, 2, 4, 4, 4, 4], [2, 2, 2, 2, 4, 4, 4, 4]]  # ranks by depth quarter
 BALANCE_COEF = 1e-3
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 11: 2.20,
+       12: 2.18, 13: 2.16, 14: 2.14, 15: 2.13, 19: 2.09, 24: 2.06, 29: 2.05}  # Student's t, 97.5% quantile by df
 
 
 def base_model(args) -> LlamaForCausalLM:
@@ -77,7 +81,7 @@ def build(name: str, args):
         config = LoraConfig(r=peft_rank(model), lora_alpha=16, lora_dropout=0.0, target_modules=PROJECTIONS)
         model = get_peft_model(model, config, autocast_adapter_dtype=False)
     else:
-        moela.inject(model, plan_for(name, model), alpha=16.0)
+        moela.inject(model, plan_for(name, model), alpha=16.0, balance_coef=BALANCE_COEF)
         if name == "loop":
             for _, layer in moela.moela_layers(model):
                 layer.__class__ = LoopLoraMoELinear
@@ -89,14 +93,18 @@ def batch(args) -> torch.Tensor:
     return torch.randint(3, args.vocab, (args.batch, args.seq), generator=g).to(args.device)
 
 
+def step_loss(name: str, model, ids: torch.Tensor) -> torch.Tensor:
+    """The loss a training step backpropagates: the language-model loss, plus ``BALANCE_COEF`` × the balance loss
+    for the loop, whose layers do not add it to the router gradients as moela's do."""
+    loss = model(input_ids=ids, labels=ids).loss
+    return loss + BALANCE_COEF * moela.balance_loss(model) if name == "loop" else loss
+
+
 def train_step_fn(name: str, model, ids: torch.Tensor):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        if name != "peft":
-            loss = loss + BALANCE_COEF * moela.balance_loss(model)
-        loss.backward()
+        step_loss(name, model, ids).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
@@ -170,6 +178,7 @@ def parse(argv: list[str] | None):
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5, help="timed training steps per variant (interleaved)")
+    parser.add_argument("--gen-rounds", type=int, default=6, help="timed generations per variant and batch size")
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--gen-batches", default="1,8", help="comma-separated generation batch sizes")
@@ -181,7 +190,7 @@ def parse(argv: list[str] | None):
     args = parser.parse_args(argv)
     args.gen_batches = [int(b) for b in args.gen_batches.split(",")]
     if args.quick:
-        args.layers, args.batch, args.seq, args.rounds, args.new_tokens = 2, 2, 128, 2, 16
+        args.layers, args.batch, args.seq, args.rounds, args.gen_rounds, args.new_tokens = 2, 2, 128, 2, 2, 16
     return args
 
 
@@ -209,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name in VARIANTS:
             gens[name]()  # warm-up
             generate_s[name, size] = []
-        for _ in range(max(2, args.rounds // 2)):
+        for _ in range(args.gen_rounds):
             for name in VARIANTS:
                 generate_s[name, size].append(timed(gens[name], args.device))
     memory = {name: memory_in_subprocess(name, argv) for name in VARIANTS}
@@ -219,6 +228,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 def paired(times: dict, num, den) -> float:
     return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
+
+def interval(times: dict, num, den) -> str:
+    """The geometric mean of the per-round ratios ``num / den`` with its 95% t-interval (over rounds)."""
+    logs = [math.log(a / b) for a, b in zip(times[num], times[den])]
+    mean = statistics.fmean(logs)
+    half = T95.get(len(logs) - 1, 1.96) * statistics.stdev(logs) / math.sqrt(len(logs)) if len(logs) > 1 else math.inf
+    return f"{math.exp(mean):.3f} [{math.exp(mean - half):.3f}, {math.exp(mean + half):.3f}]"
 
 
 def report(args, built, step_s, generate_s, memory, load: tuple[float, float]) -> None:
@@ -245,12 +262,13 @@ def report(args, built, step_s, generate_s, memory, load: tuple[float, float]) -
               f"{paired(step_s, name, 'loop'):8.3f}{gen} "
               f"{mem['loaded_mib']:10.1f} {mem['peak_mib']:9.1f} {mem['growth_mib']:10.1f} "
               f"{mem['growth_mib'] / memory['peft']['growth_mib']:8.3f}")
-    generation = ", ".join(f"batch {size} {paired(generate_s, ('peft', size), ('uniform', size)):.3f}"
+    generation = ", ".join(f"batch {size} {interval(generate_s, ('peft', size), ('uniform', size))}"
                            for size in args.gen_batches)
-    print(f"uniform step / peft = {paired(step_s, 'uniform', 'peft'):.3f} (target <= 1.15 CPU, 1.1 GPU); "
-          f"loop / uniform = {paired(step_s, 'loop', 'uniform'):.3f} (target >= 1.5 CPU, 3 GPU); "
-          f"uniform memory growth / peft = {memory['uniform']['growth_mib'] / memory['peft']['growth_mib']:.3f} "
-          f"(target <= 1.15, 1.10 bf16); uniform generation tokens/s / peft: {generation} (target >= 1)")
+    print(f"geometric means of per-round ratios [95% interval]: uniform step / peft = "
+          f"{interval(step_s, 'uniform', 'peft')} (target <= 1.05 CPU, 1.10 GPU); loop / uniform = "
+          f"{interval(step_s, 'loop', 'uniform')} (target >= 1.6 CPU, 3 GPU); uniform memory growth / peft = "
+          f"{memory['uniform']['growth_mib'] / memory['peft']['growth_mib']:.3f} (target <= 1.10); uniform "
+          f"generation tokens/s / peft: {generation} (target >= 1)")
 
 
 if __name__ == "__main__":
