@@ -6,7 +6,11 @@ Each configuration runs in a fresh process: a ``LlamaForCausalLM`` of 1 or 2 blo
 ids of ``--seq`` tokens, all seven projections of every block as targets, then ``moela.allocate``:
 
 - ``sensitivity``: the probe (one forward and backward per example, batch 1, as the public code), N examples;
-- ``guilomo``: the bilevel search (first-order, batch 1, experts 8, rank 8), S steps.
+- ``gradspec``: the same probe pass (batch 1) accumulating a float64 mean gradient per target, then the SVD of
+  each, N examples;
+- ``guilomo``: the bilevel search (first-order, batch 1, experts 8, rank 8), S steps;
+- ``prune``: S warm-up steps of a rank-4 LoRA (batch 1), then one round of held-out ablation (one validation
+  example; ``drop=keep=0.5``) and S refit steps.
 
 Time is wall-clock around ``moela.allocate``; memory the growth of the peak resident set (VmHWM, reset after
 the model is built, glibc mapping every block ≥ 64 KiB on its own) over the built model.
@@ -20,8 +24,18 @@ P₇₀ = 2·8192² + 2·8192·1024 + 3·8192·28672 = 856 M, 4.23 × P₇: matm
 per N examples (probe) or S steps (search) of ``--seq`` tokens; time is linear in N·seq (or S·seq) at short
 sequences. The base weights themselves (7B: 27 GB float32, 13.5 GB bf16) come on top of the memory figures.
 
+``prune`` does not fit that form: each round runs one held-out pass per remaining module, and a pass costs all
+L blocks, so its ablation grows with L². Its run of S steps and one round costs ``(3·2S + 7L + 1)·F(L)``
+forward-pass equivalents, taking a LoRA training step as three forward passes (forward, and a backward that
+computes input gradients through the frozen weights, ≈ 2×); ``F(L) = a_f + L·b_f``, one batch-1 forward, is
+fitted by least squares on the four runs. The defaults (``warmup=100``, ``refit=20`` in batches of 16,
+``examples=256`` of which 64 held out, ``drop=0.25``, ``keep=0.2``) then cost
+    3·16·(100 + 20·R) + 64·Σ_r (alive_r + 1)   forward passes of one example,
+with ``R`` rounds and ``alive_r`` modules at round r (7B: 224 targets, 70B: 560), which the report computes.
+
     .venv/bin/python benchmarks/allocation_scale.py                # about 30 min on 2 loaded CPU cores
-    .venv/bin/python benchmarks/allocation_scale.py --width 0.0625 --seq 16 --examples 1,2 --steps 1,2   # smoke
+    .venv/bin/python benchmarks/allocation_scale.py --width 0.0625 --seq 16 --examples 1,2 --steps 1,2 \
+        --prune-steps 1,2                                                                            # smoke
 """
 
 from __future__ import annotations
@@ -41,6 +55,7 @@ import moela
 
 P7 = 4 * 4096**2 + 3 * 4096 * 11008
 P70 = 2 * 8192**2 + 2 * 8192 * 1024 + 3 * 8192 * 28672
+METHODS = ("sensitivity", "gradspec", "guilomo", "prune")
 
 
 def build(width: float, layers: int) -> transformers.LlamaForCausalLM:
@@ -73,6 +88,11 @@ def measure_one(method: str, width: float, layers: int, amount: int, seq: int) -
     model = build(width, layers)
     if method == "sensitivity":
         options = dict(data=examples(amount, seq), examples=amount, batch_size=1, mode="proportional")
+    elif method == "gradspec":
+        options = dict(data=examples(amount, seq), examples=amount, batch_size=1)
+    elif method == "prune":  # amount = warm-up (and refit) steps; one held-out example, one round
+        options = dict(data=examples(amount + 1, seq), examples=amount + 1, batch_size=1, val_fraction=0.01,
+                       warmup=amount, refit=amount, drop=0.5, keep=0.5)
     else:  # amount = search steps: as many training and validation examples
         options = dict(data=examples(2 * amount, seq), max_steps=amount, batch_size=1, val_fraction=0.5,
                        experts=8, rank=8, check_every=10**6)
@@ -101,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq", type=int, default=128, help="tokens per example")
     parser.add_argument("--examples", default="2,4", help="probe sizes N (sensitivity), comma-separated")
     parser.add_argument("--steps", default="1,3", help="search steps S (guilomo), comma-separated")
+    parser.add_argument("--prune-steps", default="1,3", help="warm-up steps S (prune), comma-separated")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--half-width", action="store_true", help="also probe 1 block at half the width")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -111,8 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     load_before = os.getloadavg()[0]
     runs = []
-    plan = [("sensitivity", int(n)) for n in args.examples.split(",")] + \
-        [("guilomo", int(s)) for s in args.steps.split(",")]
+    amounts = {"sensitivity": args.examples, "gradspec": args.examples, "guilomo": args.steps,
+               "prune": args.prune_steps}
+    plan = [(method, int(n)) for method in args.methods for n in amounts[method].split(",")]
     for method, amount in plan:
         for layers in (1, 2):
             row = {"method": method, "amount": amount, "layers": layers, "width": args.width,
@@ -141,7 +164,7 @@ def report(args, runs: list[dict], load: tuple[float, float]) -> None:
     print(f"\n{'method':<12} {'N or S':>6} {'a s':>7} {'b s/block':>9} {'7B s':>8} {'70B s':>8} {'a_m MiB':>8} "
           f"{'b_m MiB/block':>13} {'7B MiB':>8} {'70B MiB':>8}")
     scale = P70 / P7
-    for method in ("sensitivity", "guilomo"):
+    for method in [m for m in ("sensitivity", "gradspec", "guilomo") if any(r["method"] == m for r in runs)]:
         for amount in sorted({r["amount"] for r in runs if r["method"] == method}):
             one, two = ([r for r in runs if (r["method"], r["amount"], r["layers"], r["width"]) ==
                          (method, amount, layers, args.width)][0] for layers in (1, 2))
@@ -151,6 +174,36 @@ def report(args, runs: list[dict], load: tuple[float, float]) -> None:
                   f"{am:8.0f} {bm:13.0f} {am + 32 * bm:8.0f} {2 * am + 80 * 2 * bm:8.0f}")
     print(f"(7B: a + 32·b; 70B: 2·a + 80·{scale:.2f}·b for time, 2·a_m + 80·2·b_m for memory; per N examples "
           f"or S steps of {args.seq} tokens; base weights not included)")
+    prune = [r for r in runs if r["method"] == "prune" and r["width"] == args.width]
+    if prune:
+        report_prune(prune, scale, args.seq)
+
+
+def prune_passes(targets: int, drop: float = 0.25, keep: float = 0.2) -> tuple[int, int]:
+    """(rounds, held-out passes) of ``prune``'s search over ``targets`` modules (its round logic)."""
+    alive, floor, rounds, passes = targets, max(1, round(keep * targets)), 0, 0
+    while alive > floor:
+        passes += alive + 1
+        alive -= min(alive - floor, max(1, int(drop * alive)))
+        rounds += 1
+    return rounds, passes
+
+
+def report_prune(runs: list[dict], scale: float, seq: int) -> None:
+    """``F(L) = a_f + L·b_f`` fitted on the runs (module docstring), and the defaults' cost at 7B and 70B."""
+    import numpy as np
+
+    design = np.array([[1.0, r["layers"]] for r in runs])
+    passes = np.array([6 * r["amount"] + 7 * r["layers"] + 1 for r in runs], dtype=float)
+    (a_f, b_f), *_ = np.linalg.lstsq(design, np.array([r["seconds"] for r in runs]) / passes, rcond=None)
+    print(f"\nprune: one batch-1 forward of {seq} tokens F(L) = {a_f:.3f} + L·{b_f:.3f} s (least squares on "
+          f"{len(runs)} runs; a training step taken as 3 forwards)")
+    for label, blocks, forward in (("7B", 32, a_f + 32 * b_f), ("70B", 80, 2 * a_f + 80 * scale * b_f)):
+        rounds, held_out = prune_passes(7 * blocks)
+        total = 3 * 16 * (100 + 20 * rounds) + 64 * held_out
+        print(f"prune defaults at {label}: {rounds} rounds, {held_out} held-out passes of 64 examples, "
+              f"{total:,} forward passes × {forward:.2f} s = {total * forward / 3600:.1f} h "
+              f"(training {3 * 16 * (100 + 20 * rounds) / total:.0%}, ablation {64 * held_out / total:.0%})")
 
 
 if __name__ == "__main__":

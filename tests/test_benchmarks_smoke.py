@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import moela
 
 from moela.reference import LoopLoraMoELinear, loop_forward
 
@@ -78,3 +81,18 @@ def test_decode_profile_counts_every_adapted_module_per_token():
     assert forwards == 3 and wall_ms > 0
     # one routing per adapted module and forward (the prompt's and 2 decoding steps)
     assert ops["aten::topk"][0] == len(decode_profile.speed.PROJECTIONS) * args.layers * forwards
+
+
+def test_allocation_scale_counts_prune_rounds_as_the_allocator_runs_them():
+    allocation_scale = load("allocation_scale")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=5,
+                                         num_attention_heads=4, vocab_size=97))  # 35 targets, as stories260k
+    data = [{"input_ids": [i % 97] * 8, "attention_mask": [1] * 8, "labels": [i % 97] * 8} for i in range(40)]
+    plan = moela.allocate("prune", model, targets="all-linear", data=data, examples=40, batch_size=8, warmup=1,
+                          refit=1)
+    rounds = plan.meta["scores"]["rounds"]
+    assert allocation_scale.prune_passes(35) == (len(rounds), sum(len(r) + 1 for r in rounds)) == (6, 126)
+    for method in allocation_scale.METHODS:  # every measured configuration runs
+        row = allocation_scale.measure_one(method, 0.0625, 1, 1, 8)
+        assert row["seconds"] > 0 and row["model_mib"] > 0
