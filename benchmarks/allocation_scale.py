@@ -11,6 +11,8 @@ ids of ``--seq`` tokens, all seven projections of every block as targets, then `
 - ``guilomo``: the bilevel search (first-order, batch 1, experts 8, rank 8), S steps;
 - ``prune``: S warm-up steps of a rank-4 LoRA (batch 1), then one round of held-out ablation (one validation
   example; ``drop=keep=0.5``) and S refit steps.
+- ``lora``, the reference: N AdamW steps of rank-8 LoRA training on every target (batch 1), what the plan will
+  later cost to train; sensitivity's peak memory is compared with its.
 
 Time is wall-clock around ``moela.allocate``; memory the growth of the peak resident set (VmHWM, reset after
 the model is built, glibc mapping every block ≥ 64 KiB on its own) over the built model.
@@ -46,6 +48,7 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -55,7 +58,7 @@ import moela
 
 P7 = 4 * 4096**2 + 3 * 4096 * 11008
 P70 = 2 * 8192**2 + 2 * 8192 * 1024 + 3 * 8192 * 28672
-METHODS = ("sensitivity", "gradspec", "guilomo", "prune")
+METHODS = ("lora", "sensitivity", "gradspec", "guilomo", "prune")
 
 
 def build(width: float, layers: int) -> transformers.LlamaForCausalLM:
@@ -83,26 +86,48 @@ def status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def allocator_options(method: str, amount: int, seq: int) -> dict:
+    """``moela.allocate``'s options for one configuration (module docstring)."""
+    if method in ("sensitivity", "gradspec"):
+        extra = {"mode": "proportional"} if method == "sensitivity" else {}
+        return dict(data=examples(amount, seq), examples=amount, batch_size=1, **extra)
+    if method == "prune":  # amount = warm-up (and refit) steps; one held-out example, one round
+        return dict(data=examples(amount + 1, seq), examples=amount + 1, batch_size=1, val_fraction=0.01,
+                    warmup=amount, refit=amount, drop=0.5, keep=0.5)
+    # guilomo: amount = search steps, as many training and validation examples
+    return dict(data=examples(2 * amount, seq), max_steps=amount, batch_size=1, val_fraction=0.5, experts=8,
+                rank=8, check_every=10**6)
+
+
 def measure_one(method: str, width: float, layers: int, amount: int, seq: int) -> dict:
-    """Seconds and peak-memory growth (MiB) of one allocation, in this process."""
+    """Seconds and peak-memory growth (MiB) of one allocation (or of the reference LoRA training), in this
+    process."""
     model = build(width, layers)
-    if method == "sensitivity":
-        options = dict(data=examples(amount, seq), examples=amount, batch_size=1, mode="proportional")
-    elif method == "gradspec":
-        options = dict(data=examples(amount, seq), examples=amount, batch_size=1)
-    elif method == "prune":  # amount = warm-up (and refit) steps; one held-out example, one round
-        options = dict(data=examples(amount + 1, seq), examples=amount + 1, batch_size=1, val_fraction=0.01,
-                       warmup=amount, refit=amount, drop=0.5, keep=0.5)
-    else:  # amount = search steps: as many training and validation examples
-        options = dict(data=examples(2 * amount, seq), max_steps=amount, batch_size=1, val_fraction=0.5,
-                       experts=8, rank=8, check_every=10**6)
+    if method == "lora":
+        data = examples(amount, seq)
+        run = partial(train_lora, model, data)
+    else:
+        options = allocator_options(method, amount, seq)
+        run = partial(moela.allocate, method, model, targets="all-linear", **options)
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
     loaded = status_kib("VmRSS")
     start = time.perf_counter()
-    moela.allocate(method, model, targets="all-linear", **options)
+    run()
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "growth_mib": (status_kib("VmHWM") - loaded) / 1024,
             "model_mib": loaded / 1024}
+
+
+def train_lora(model: torch.nn.Module, data: list[dict]) -> None:
+    """One AdamW step of rank-8 LoRA on every linear map per example (batch 1)."""
+    moela.inject(model, moela.AllocationPlan.uniform(model, "all-linear", experts=1, rank=8, top_k=1))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    for example in data:
+        batch = {k: torch.tensor([v]) for k, v in example.items()}
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
 
 def in_subprocess(method: str, width: float, layers: int, amount: int, seq: int, threads: int) -> dict:
@@ -119,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--width", type=float, default=1.0, help="hidden and intermediate size / 7B's (4096, 11008)")
     parser.add_argument("--seq", type=int, default=128, help="tokens per example")
-    parser.add_argument("--examples", default="2,4", help="probe sizes N (sensitivity), comma-separated")
+    parser.add_argument("--examples", default="2,4", help="probe sizes N (lora, sensitivity, gradspec), comma-separated")
     parser.add_argument("--steps", default="1,3", help="search steps S (guilomo), comma-separated")
     parser.add_argument("--prune-steps", default="1,3", help="warm-up steps S (prune), comma-separated")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -133,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     load_before = os.getloadavg()[0]
     runs = []
-    amounts = {"sensitivity": args.examples, "gradspec": args.examples, "guilomo": args.steps,
+    amounts = {"lora": args.examples, "sensitivity": args.examples, "gradspec": args.examples, "guilomo": args.steps,
                "prune": args.prune_steps}
     plan = [(method, int(n)) for method in args.methods for n in amounts[method].split(",")]
     for method, amount in plan:
@@ -164,7 +189,7 @@ def report(args, runs: list[dict], load: tuple[float, float]) -> None:
     print(f"\n{'method':<12} {'N or S':>6} {'a s':>7} {'b s/block':>9} {'7B s':>8} {'70B s':>8} {'a_m MiB':>8} "
           f"{'b_m MiB/block':>13} {'7B MiB':>8} {'70B MiB':>8}")
     scale = P70 / P7
-    for method in [m for m in ("sensitivity", "gradspec", "guilomo") if any(r["method"] == m for r in runs)]:
+    for method in [m for m in METHODS if m != "prune" and any(r["method"] == m for r in runs)]:
         for amount in sorted({r["amount"] for r in runs if r["method"] == method}):
             one, two = ([r for r in runs if (r["method"], r["amount"], r["layers"], r["width"]) ==
                          (method, amount, layers, args.width)][0] for layers in (1, 2))
