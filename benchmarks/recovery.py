@@ -13,7 +13,8 @@ allocator's randomness and its probe sample; the teacher and the texts are the s
   - held-out distillation loss (mean, 95% t-interval over seeds) and its paired difference to ``uniform``;
   - planted share: fraction of the plan's trainable parameters on planted modules;
   - rank correlation (Spearman) between a module's total rank ``Σ r_i`` and its planted rank (0 if none);
-  - gap closure ``(L_uniform − L_method) / (L_uniform − L_oracle)`` (of the seed means).
+  - gap closure ``(L_uniform − L_method) / (L_uniform − L_oracle)``, the losses summed over the seeds that the
+    method, uniform and the oracle share.
 ``oracle``: one expert on every planted module, ranks ∝ planted ranks, scaled to the budget.
 
     python benchmarks/recovery.py                               # every scenario and method, 3 seeds
@@ -320,12 +321,6 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         lines += [f"**{scenario}** (planted block.map:rank — {desc}; KL(teacher ‖ base) = {base_kl:.4f})", "",
                   "| method | held-out KL ± 95% CI (seeds trained) | vs uniform (paired) ± 95% CI | planted share | Spearman ρ "
                   "| gap closure | alloc s |", "|---|---|---|---|---|---|---|"]
-        mean = {}
-        for m in methods:
-            vals = [get[scenario, m, s]["loss"] for s in seeds
-                    if (scenario, m, s) in get and get[scenario, m, s]["loss"] is not None]
-            if vals:
-                mean[m] = statistics.fmean(vals)
         for m in methods:
             have = [s for s in seeds if (scenario, m, s) in get]
             if not have:
@@ -339,13 +334,22 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
             d, dh = ci(paired) if len(paired) > 1 and m != "uniform" else (math.nan, math.nan)
             share = statistics.fmean(get[scenario, m, s]["planted_share"] for s in have)
             rho = statistics.fmean(get[scenario, m, s]["spearman"] for s in have)
-            gap = mean.get("uniform", math.nan) - mean.get("oracle", math.nan)
-            closure = (mean.get("uniform", math.nan) - mean.get(m, math.nan)) / gap if gap else math.nan
+            closure = gap_closure(get, scenario, m, trained)
             alloc = statistics.fmean(get[scenario, m, s]["alloc_s"] for s in have)
             lines.append(f"| {m} | {fmt(loss, half, '.4f')} ({len(trained)}) | {fmt(d, dh, '+.4f')} | {share:.2f} | "
                          f"{rho:+.2f} | {'' if math.isnan(closure) else f'{closure:+.2f}'} | {alloc:.1f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def gap_closure(get: dict, scenario: str, method: str, seeds: list[int]) -> float:
+    """``Σ (L_uniform − L_method) / Σ (L_uniform − L_oracle)`` over the ``seeds`` that uniform and the oracle were
+    trained on too (the same seeds in numerator and denominator); NaN without such a seed."""
+    common = [s for s in seeds if all((scenario, m, s) in get and get[scenario, m, s]["loss"] is not None
+                                      for m in ("uniform", "oracle", method))]
+    loss = {m: sum(get[scenario, m, s]["loss"] for s in common) for m in ("uniform", "oracle", method)}
+    gap = loss["uniform"] - loss["oracle"]
+    return (loss["uniform"] - loss[method]) / gap if common and gap else math.nan
 
 
 def write_section(text: str) -> None:

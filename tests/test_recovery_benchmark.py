@@ -5,6 +5,7 @@ rows are labelled by probe."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,15 @@ def test_tiny_run_labels_rows_by_probe(recovery, tmp_path, capsys):
     assert "| prune/soft@8 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         recovery.main([*argv, "--samples", "2"])  # --soft replaces the sampled labels
+
+
+def test_gap_closure_compares_a_method_with_uniform_and_the_oracle_on_the_same_seeds(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import recovery
+
+    losses = {("uniform", 0): 0.05, ("oracle", 0): 0.01, ("m", 0): 0.03,
+              ("uniform", 1): 0.09, ("oracle", 1): 0.05,  # seed 1: uniform and the oracle only
+              ("x", 2): 0.02}  # seed 2: no uniform or oracle
+    get = {("s", m, seed): {"loss": loss} for (m, seed), loss in losses.items()}
+    assert recovery.gap_closure(get, "s", "m", [0, 1]) == pytest.approx(0.5)  # seed 0 only, not 0.07 vs 0.03
+    assert math.isnan(recovery.gap_closure(get, "s", "x", [2]))
