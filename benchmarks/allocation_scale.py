@@ -23,6 +23,7 @@ P₇ = 4·4096² + 3·4096·11008 = 202 M weights; a Llama-2-70B block (hidden 8
 P₇₀ = 2·8192² + 2·8192·1024 + 3·8192·28672 = 856 M, 4.23 × P₇: matmul work per token grows with the weights, so
     time(7B)  ≈ a + 32·b,        time(70B) ≈ 2·a + 80·4.23·b     (the head's work doubles with the width);
     memory(7B) ≈ a_m + 32·b_m,   memory(70B) ≈ 2·a_m + 80·2·b_m  (activations grow with the width, 8192/4096),
+except gradspec's, whose per-block memory is its float64 accumulators, as many as the weights: 2·a_m + 80·4.23·b_m;
 per N examples (probe) or S steps (search) of ``--seq`` tokens; time is linear in N·seq (or S·seq) at short
 sequences. The base weights themselves (7B: 27 GB float32, 13.5 GB bf16) come on top of the memory figures.
 
@@ -190,14 +191,16 @@ def report(args, runs: list[dict], load: tuple[float, float]) -> None:
           f"{'b_m MiB/block':>13} {'7B MiB':>8} {'70B MiB':>8}")
     scale = P70 / P7
     for method in [m for m in METHODS if m != "prune" and any(r["method"] == m for r in runs)]:
+        growth = scale if method == "gradspec" else 2  # memory per block ∝ weights (gradspec) or ∝ width
         for amount in sorted({r["amount"] for r in runs if r["method"] == method}):
             one, two = ([r for r in runs if (r["method"], r["amount"], r["layers"], r["width"]) ==
                          (method, amount, layers, args.width)][0] for layers in (1, 2))
             b, bm = two["seconds"] - one["seconds"], two["growth_mib"] - one["growth_mib"]
             a, am = one["seconds"] - b, one["growth_mib"] - bm
             print(f"{method:<12} {amount:>6} {a:7.1f} {b:9.1f} {a + 32 * b:8.0f} {2 * a + 80 * scale * b:8.0f} "
-                  f"{am:8.0f} {bm:13.0f} {am + 32 * bm:8.0f} {2 * am + 80 * 2 * bm:8.0f}")
-    print(f"(7B: a + 32·b; 70B: 2·a + 80·{scale:.2f}·b for time, 2·a_m + 80·2·b_m for memory; per N examples "
+                  f"{am:8.0f} {bm:13.0f} {am + 32 * bm:8.0f} {2 * am + 80 * growth * bm:8.0f}")
+    print(f"(7B: a + 32·b; 70B: 2·a + 80·{scale:.2f}·b for time, 2·a_m + 80·2·b_m for memory (gradspec: "
+          f"80·{scale:.2f}·b_m); per N examples "
           f"or S steps of {args.seq} tokens; base weights not included)")
     prune = [r for r in runs if r["method"] == "prune" and r["width"] == args.width]
     if prune:
