@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--width", type=float, default=1.0, help="hidden and intermediate size / 7B's (4096, 11008)")
     parser.add_argument("--seq", type=int, default=128, help="tokens per example")
-    parser.add_argument("--examples", default="2,4", help="probe sizes N (lora, sensitivity, gradspec), comma-separated")
+    parser.add_argument("--examples", default="2,4",
+                        help="probe sizes N (lora, sensitivity, gradspec), comma-separated")
     parser.add_argument("--steps", default="1,3", help="search steps S (guilomo), comma-separated")
     parser.add_argument("--prune-steps", default="1,3", help="warm-up steps S (prune), comma-separated")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))

@@ -11,12 +11,13 @@ The model is a randomly initialised Llama built from ``LlamaConfig`` (default hi
 
 A training step is forward + backward + AdamW step; every routed variant trains with 1e-3 × the balance loss
 once: moela's layers add it to the router gradients themselves (``inject(balance_coef=1e-3)``, as in any
-training), the loop adds ``moela.balance_loss`` to its loss (:func:`step_loss`). Step times are interleaved over rounds so that machine drift hits every variant alike; the ratio
-columns are medians of per-round ratios. Peak memory is measured in a fresh subprocess per variant over two
-training steps: on CPU the growth of the peak resident set (VmHWM, reset after loading) over the loaded
-model, on CUDA the growth of ``max_memory_allocated``. Generation is greedy ``generate`` with the KV cache at each
-batch size of ``--gen-batches`` (default 1 and 8), interleaved over rounds like the steps; its ratio to PEFT is
-the median of per-round ratios of tokens/s.
+training), the loop adds ``moela.balance_loss`` to its loss (:func:`step_loss`). Step times are interleaved over
+rounds so that machine drift hits every variant alike; the ratio columns are medians of per-round ratios, and the
+summary line gives the geometric mean of the per-round ratios with its 95% t-interval. Peak memory is measured in a
+fresh subprocess per variant over two training steps: on CPU the growth of the peak resident set (VmHWM, reset
+after loading) over the loaded model, on CUDA the growth of ``max_memory_allocated``. Generation is greedy
+``generate`` with the KV cache at each batch size of ``--gen-batches`` (default 1 and 8), interleaved over rounds
+like the steps; its ratio to PEFT is the median of per-round ratios of tokens/s.
 
 Run: ``python benchmarks/speed.py`` (about 3 minutes on 2 idle CPU threads; ``--quick`` for a 2-layer smoke run);
 ``--dtype bfloat16`` loads the model (and so the adapters; moela's router stays float32) in bf16; on a GPU:
@@ -47,8 +48,6 @@ VARIANTS = ("peft", "uniform", "hetero", "loop")
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HETERO = [[4, 4], [2, 2, 4, 4], [2, 2, 4, 4, 4, 4], [2, 2, 2, 2, 4, 4, 4, 4]]  # ranks by depth quarter
 BALANCE_COEF = 1e-3
-T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 11: 2.20,
-       12: 2.18, 13: 2.16, 14: 2.14, 15: 2.13, 19: 2.09, 24: 2.06, 29: 2.05}  # Student's t, 97.5% quantile by df
 
 
 def base_model(args) -> LlamaForCausalLM:
@@ -232,9 +231,11 @@ def paired(times: dict, num, den) -> float:
 
 def interval(times: dict, num, den) -> str:
     """The geometric mean of the per-round ratios ``num / den`` with its 95% t-interval (over rounds)."""
+    from scipy.stats import t
+
     logs = [math.log(a / b) for a, b in zip(times[num], times[den])]
     mean = statistics.fmean(logs)
-    half = T95.get(len(logs) - 1, 1.96) * statistics.stdev(logs) / math.sqrt(len(logs)) if len(logs) > 1 else math.inf
+    half = t.ppf(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs)) if len(logs) > 1 else math.inf
     return f"{math.exp(mean):.3f} [{math.exp(mean - half):.3f}, {math.exp(mean + half):.3f}]"
 
 
