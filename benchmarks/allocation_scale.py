@@ -209,13 +209,14 @@ def report(args, runs: list[dict], load: tuple[float, float]) -> None:
 
 
 def prune_passes(targets: int, drop: float = 0.25, keep: float = 0.2) -> tuple[int, int]:
-    """(rounds, held-out passes) of ``prune``'s search over ``targets`` modules (its round logic)."""
+    """(rounds, held-out passes) of ``prune``'s search over ``targets`` modules (its round logic, and the final
+    ablation of the survivors)."""
     alive, floor, rounds, passes = targets, max(1, round(keep * targets)), 0, 0
     while alive > floor:
         passes += alive + 1
         alive -= min(alive - floor, max(1, int(drop * alive)))
         rounds += 1
-    return rounds, passes
+    return rounds, passes + alive + 1
 
 
 def report_prune(runs: list[dict], scale: float, seq: int) -> None:

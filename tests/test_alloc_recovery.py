@@ -63,6 +63,20 @@ def test_prune_keeps_the_module_that_needs_an_update_and_leaves_the_model_as_it_
     assert not model.training and [p.requires_grad for p in model.parameters()] == flags
 
 
+def test_prune_gives_ranks_by_final_importance_when_asked():
+    model, data = toy_task(3)
+    totals = {}
+    for ranks in ("equal", "importance"):
+        plan = allocate("prune", model, budget=TOY_BUDGET, data=data[:32], keep=1.0, warmup=40, lr=0.02, ranks=ranks)
+        final = plan.meta["scores"]["final"]
+        assert set(final) == set(plan.modules) == {"layers.0.proj", "layers.1.proj"}  # keep=1: no round
+        totals[ranks] = [sum(plan[n].ranks) for n in ("layers.0.proj", "layers.1.proj")]
+    assert abs(totals["equal"][0] - totals["equal"][1]) <= 1
+    assert totals["importance"] == [sum(totals["equal"]) - 1, 1]  # all but the floor to the module that needs it
+    with pytest.raises(ValueError, match="ranks"):
+        allocate("prune", model, data=data[:32], ranks="largest")
+
+
 def test_hilo_keeps_depth_groups_equal_and_monotone_under_a_budget():
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(

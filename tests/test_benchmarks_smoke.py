@@ -91,8 +91,9 @@ def test_allocation_scale_counts_prune_rounds_as_the_allocator_runs_them():
     data = [{"input_ids": [i % 97] * 8, "attention_mask": [1] * 8, "labels": [i % 97] * 8} for i in range(40)]
     plan = moela.allocate("prune", model, targets="all-linear", data=data, examples=40, batch_size=8, warmup=1,
                           refit=1)
-    rounds = plan.meta["scores"]["rounds"]
-    assert allocation_scale.prune_passes(35) == (len(rounds), sum(len(r) + 1 for r in rounds)) == (6, 126)
+    rounds, final = plan.meta["scores"]["rounds"], plan.meta["scores"]["final"]
+    passes = sum(len(r) + 1 for r in rounds) + len(final) + 1
+    assert allocation_scale.prune_passes(35) == (len(rounds), passes) == (6, 134)
     for method in allocation_scale.METHODS:  # every measured configuration runs
         row = allocation_scale.measure_one(method, 0.0625, 1, 1, 8)
         assert row["seconds"] > 0 and row["model_mib"] > 0

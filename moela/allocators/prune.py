@@ -7,11 +7,14 @@ the held-out loss, ``I_m = L_val(all remaining but m) − L_val(all remaining)``
 remaining modules with the smallest ``I_m`` lose their adapters for good, and the others are trained ``refit``
 more steps, so that what a dropped adapter did can move to the modules that really need an update — an
 adapter that only imitated a needed update elsewhere is dropped without loss once the needed one is learnt.
-This stops when ``keep`` (a share of the targets) remain. The survivors split the budget's rank equally, as
-``⌈R_m / expert_rank⌉`` experts of equal rank with top-k routing; the other targets get no adapter.
+This stops when ``keep`` (a share of the targets) remain; their importances are measured once more after the
+last refit (``plan.meta["scores"]["final"]``). The survivors split the budget's rank equally (``ranks="equal"``,
+the default) or in proportion to those importances (``"importance"``), as ``⌈R_m / expert_rank⌉`` experts of
+equal rank with top-k routing; the other targets get no adapter.
 
-Cost: ``warmup + refit · rounds`` training steps and, per round, one held-out pass per remaining module
-(``rounds ≈ log(keep) / log(1 − drop)``). Memory: that of LoRA training at rank ``rank``.
+Cost: ``warmup + refit · rounds`` training steps and, per round and once at the end, one held-out pass per
+remaining module and a reference pass (``rounds ≈ log(keep) / log(1 − drop)``). Memory: that of LoRA training at
+rank ``rank``.
 Several processes: each runs the whole search on all the probe data, without communication; the seed makes
 their plans equal (the run pipeline keeps the main process's in any case).
 """
@@ -39,9 +42,9 @@ def held_out_loss(model: nn.Module, val: list[dict], device: torch.device) -> fl
 
 def prune_search(model: nn.Module, names: list[str], train: list[dict], val: list[dict], *, rank: int, lr: float,
                  warmup: int, refit: int, drop: float, keep: int, seed: int, cost: Cost
-                 ) -> tuple[list[str], list[dict[str, float]]]:
-    """The surviving target paths and the importances of every round (``{path: I_m}``). Adapters are swapped
-    in for ``names`` and the model gets its own modules, flags and mode back."""
+                 ) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """The survivors' importances after the last refit (``{path: I_m}``, in target order) and those of every
+    round. Adapters are swapped in for ``names`` and the model gets its own modules, flags and mode back."""
     device = next(model.parameters()).device
     step = 0
 
@@ -57,17 +60,21 @@ def prune_search(model: nn.Module, names: list[str], train: list[dict], val: lis
             step += 1
 
     with swapped(model, names, lambda base: LoraMoELinear(base, [rank], top_k=1), seed) as layers:
-        optimizer = torch.optim.AdamW([p for l in layers.values() for p in (l.lora_A.weight, l.lora_B.weight)],
-                                      lr=lr, weight_decay=0.0)
-        train_steps(warmup, optimizer)
-        alive, rounds = list(names), []
-        while len(alive) > keep:
+        def ablate(alive: list[str]) -> dict[str, float]:
             reference = held_out_loss(model, val, device)
             importance = {}
             for name in alive:
                 layers[name].disabled = True
                 importance[name] = held_out_loss(model, val, device) - reference
                 layers[name].disabled = False
+            return importance
+
+        optimizer = torch.optim.AdamW([p for l in layers.values() for p in (l.lora_A.weight, l.lora_B.weight)],
+                                      lr=lr, weight_decay=0.0)
+        train_steps(warmup, optimizer)
+        alive, rounds = list(names), []
+        while len(alive) > keep:
+            importance = ablate(alive)
             rounds.append(importance)
             dropped = min(len(alive) - keep, max(1, int(drop * len(alive))))
             for name in sorted(alive, key=lambda n: importance[n])[:dropped]:
@@ -75,30 +82,36 @@ def prune_search(model: nn.Module, names: list[str], train: list[dict], val: lis
                 layers[name].requires_grad_(False)
                 alive.remove(name)
             train_steps(refit, optimizer)
-    return alive, rounds
+        final = ablate(alive)
+    return final, rounds
 
 
 @register("prune", needs_data=True, needs_weights=True, every_target=False)
 def prune(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None, seed: int = 0,
           rank: int = 4, lr: float = 2e-3, warmup: int = 100, refit: int = 20, drop: float = 0.25,
           keep: float = 0.2, expert_rank: int = 8, top_k: int = 2, examples: int = 256, batch_size: int = 16,
-          val_fraction: float = 0.25) -> AllocationPlan:
+          val_fraction: float = 0.25, ranks: str = "equal") -> AllocationPlan:
     """Iterative pruning of warm-up adapters by held-out ablation (module docstring); the ``keep`` share of the
-    targets (at least one) survives and shares the budget equally, in experts of rank ≤ ``expert_rank``.
+    targets (at least one) survives and shares the budget equally (``ranks="equal"``) or in proportion to the
+    survivors' final importances (``"importance"``), in experts of rank ≤ ``expert_rank``.
     Without a budget: as many parameters as uniform 4 experts of rank 8 on every target."""
     if not 0 < keep <= 1 or not 0 < drop < 1:
         raise ValueError(f"prune needs 0 < keep <= 1 and 0 < drop < 1, got keep={keep}, drop={drop}")
+    if ranks not in ("importance", "equal"):
+        raise ValueError(f"prune ranks must be 'importance' or 'equal', got {ranks!r}")
     names = find_targets(model, targets)
     dims = target_dims(model, names)
     target = parse_budget(budget if budget is not None else DEFAULT_BUDGET, model, targets)
     cost = Cost("prune")
     train, val = holdout(data, val_fraction, batch_size, seed, pad_id(model), examples)
-    survivors, rounds = prune_search(model, names, train, val, rank=rank, lr=lr, warmup=warmup, refit=refit,
-                                     drop=drop, keep=max(1, round(keep * len(names))), seed=seed, cost=cost)
+    final, rounds = prune_search(model, names, train, val, rank=rank, lr=lr, warmup=warmup, refit=refit,
+                                 drop=drop, keep=max(1, round(keep * len(names))), seed=seed, cost=cost)
+    survivors = list(final)
+    weights = [max(final[n], 0.0) if ranks == "importance" else 1.0 for n in survivors]
 
     def build(total: int) -> dict:
         plan = {}
-        for name, r in zip(survivors, apportion([1.0] * len(survivors), total, lo=1)):
+        for name, r in zip(survivors, apportion(weights, total, lo=1)):
             plan[name] = routed(apportion([1.0] * math.ceil(r / expert_rank), r, lo=1), top_k)
         return plan
 
@@ -106,5 +119,5 @@ def prune(model: nn.Module, *, targets: Any, budget: int | str | None = None, da
                      minimum=f"one rank-1 expert on each of the {len(survivors)} surviving modules")
     options = {"rank": rank, "lr": lr, "warmup": warmup, "refit": refit, "drop": drop, "keep": keep,
                "expert_rank": expert_rank, "top_k": top_k, "examples": examples, "batch_size": batch_size,
-               "val_fraction": val_fraction, "seed": seed}
-    return finish(modules, dims, "prune", options, target, {"rounds": rounds}, cost.report())
+               "val_fraction": val_fraction, "seed": seed, "ranks": ranks}
+    return finish(modules, dims, "prune", options, target, {"rounds": rounds, "final": final}, cost.report())
