@@ -6,11 +6,11 @@ Each configuration runs in a fresh process: a ``LlamaForCausalLM`` of 1 or 2 blo
 ids of ``--seq`` tokens, all seven projections of every block as targets, then ``moela.allocate``:
 
 - ``sensitivity``: the probe (one forward and backward per example, batch 1, as the public code), N examples;
-- ``gradspec``: the same probe pass (batch 1) accumulating a float64 mean gradient per target, then the SVD of
-  each, N examples;
+- ``gradspec``: the same probe pass (batch 1) accumulating a float64 mean gradient per target, then its squared
+  singular values (the eigenvalues of its Gram matrix), N examples;
 - ``guilomo``: the bilevel search (first-order, batch 1, experts 8, rank 8), S steps;
 - ``prune``: S warm-up steps of a rank-4 LoRA (batch 1), then one round of held-out ablation (one validation
-  example; ``drop=keep=0.5``) and S refit steps.
+  example; ``drop=keep=0.5``), S refit steps and the survivors' final ablation;
 - ``lora``, the reference: N AdamW steps of rank-8 LoRA training on every target (batch 1), what the plan will
   later cost to train; sensitivity's peak memory is compared with its.
 
@@ -28,13 +28,15 @@ per N examples (probe) or S steps (search) of ``--seq`` tokens; time is linear i
 sequences. The base weights themselves (7B: 27 GB float32, 13.5 GB bf16) come on top of the memory figures.
 
 ``prune`` does not fit that form: each round runs one held-out pass per remaining module, and a pass costs all
-L blocks, so its ablation grows with L². Its run of S steps and one round costs ``(3·2S + 7L + 1)·F(L)``
-forward-pass equivalents, taking a LoRA training step as three forward passes (forward, and a backward that
+L blocks, so its ablation grows with L². Its run of S steps and one round costs ``(3·2S + P_L)·F(L)``
+forward-pass equivalents, ``P_L`` its held-out passes over 7L targets (:func:`prune_passes` with
+``drop=keep=0.5``), taking a LoRA training step as three forward passes (forward, and a backward that
 computes input gradients through the frozen weights, ≈ 2×); ``F(L) = a_f + L·b_f``, one batch-1 forward, is
 fitted by least squares on the four runs. The defaults (``warmup=100``, ``refit=20`` in batches of 16,
 ``examples=256`` of which 64 held out, ``drop=0.25``, ``keep=0.2``) then cost
-    3·16·(100 + 20·R) + 64·Σ_r (alive_r + 1)   forward passes of one example,
-with ``R`` rounds and ``alive_r`` modules at round r (7B: 224 targets, 70B: 560), which the report computes.
+    3·16·(100 + 20·R) + 64·(Σ_r (alive_r + 1) + keep + 1)   forward passes of one example,
+with ``R`` rounds, ``alive_r`` modules at round r and ``keep`` survivors (7B: 224 targets, 70B: 560), which the
+report computes.
 
     .venv/bin/python benchmarks/allocation_scale.py                # about 30 min on 2 loaded CPU cores
     .venv/bin/python benchmarks/allocation_scale.py --width 0.0625 --seq 16 --examples 1,2 --steps 1,2 \
@@ -224,7 +226,8 @@ def report_prune(runs: list[dict], scale: float, seq: int) -> None:
     import numpy as np
 
     design = np.array([[1.0, r["layers"]] for r in runs])
-    passes = np.array([6 * r["amount"] + 7 * r["layers"] + 1 for r in runs], dtype=float)
+    passes = np.array([6 * r["amount"] + prune_passes(7 * r["layers"], drop=0.5, keep=0.5)[1] for r in runs],
+                      dtype=float)
     (a_f, b_f), *_ = np.linalg.lstsq(design, np.array([r["seconds"] for r in runs]) / passes, rcond=None)
     print(f"\nprune: one batch-1 forward of {seq} tokens F(L) = {a_f:.3f} + L·{b_f:.3f} s (least squares on "
           f"{len(runs)} runs; a training step taken as 3 forwards)")

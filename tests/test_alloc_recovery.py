@@ -49,6 +49,28 @@ def test_oracle_and_gradspec_beat_uniform_on_a_planted_task():
     assert losses["gradspec"] < 0.9 * losses["uniform"]
 
 
+def test_gradspec_spectra_are_the_squared_singular_values_of_the_mean_gradient(monkeypatch):
+    from moela.allocators import gradspec
+    from moela.allocators.probe import batches
+
+    means = {}
+
+    def recording(matrix, exact_reference):
+        means[len(means)] = matrix.clone()
+        return real(matrix, exact_reference)
+
+    real = gradspec.matrix_eigs
+    monkeypatch.setattr(gradspec, "matrix_eigs", recording)
+    model, data = toy_task(3)
+    names = ["layers.0.proj", "layers.1.proj"]
+    spectra = gradspec.gradient_spectra(model, names, batches(data[:32], 4))
+    for i, name in enumerate(names):
+        svd = torch.linalg.svdvals(means[i]).square()
+        got = torch.tensor(spectra[name]["sigma2"], dtype=torch.float64)
+        assert torch.all(got[:-1] >= got[1:])  # descending
+        torch.testing.assert_close(got, svd, rtol=0, atol=16 * 1e-15 * float(svd[0]))
+
+
 def test_prune_keeps_the_module_that_needs_an_update_and_leaves_the_model_as_it_was():
     seed = 3
     model, data = toy_task(seed)

@@ -94,6 +94,11 @@ def test_allocation_scale_counts_prune_rounds_as_the_allocator_runs_them():
     rounds, final = plan.meta["scores"]["rounds"], plan.meta["scores"]["final"]
     passes = sum(len(r) + 1 for r in rounds) + len(final) + 1
     assert allocation_scale.prune_passes(35) == (len(rounds), passes) == (6, 134)
+    # the measured configuration (one round and the final ablation) has the passes its fit assumes
+    measured = moela.allocate("prune", allocation_scale.build(0.0625, 1), targets="all-linear",
+                              **allocation_scale.allocator_options("prune", 1, 8)).meta["scores"]
+    passes = sum(len(r) + 1 for r in measured["rounds"]) + len(measured["final"]) + 1
+    assert allocation_scale.prune_passes(7, drop=0.5, keep=0.5) == (len(measured["rounds"]), passes) == (1, 13)
     for method in allocation_scale.METHODS:  # every measured configuration runs
         row = allocation_scale.measure_one(method, 0.0625, 1, 1, 8)
         assert row["seconds"] > 0 and row["model_mib"] > 0

@@ -12,7 +12,7 @@ ones. The plan takes the ``t`` most valuable units (``t`` fitted to the budget);
 ``⌈R_m / rank⌉`` experts whose ranks split ``R_m`` evenly, top-k routing; a module with none gets no adapter.
 The ``σ_j²`` are the eigenvalues of the smaller float64 Gram matrix ``ḠᵀḠ`` or ``ḠḠᵀ`` (AlphaLoRA's
 :func:`~moela.allocators.alphalora.matrix_eigs`), 4× faster than ``svdvals`` on Llama-2-7B's matrices and
-within ≈ 1e-14·σ_1² of its squares (measured ≤ 8e-15·σ_1²; the 64 largest within 2e-10 relative).
+equal to its squares within ≈ n·1e-16·σ_1² (tests/test_alloc_recovery.py).
 Memory: one float64 ``d_out × d_in`` accumulator per target (≈ 1.6 GB per Llama-2-7B block, so ≈ 52 GB for the
 model: BENCHMARKS.md "Allocation cost at 7B scale").
 """
@@ -28,9 +28,9 @@ from torch import nn
 
 from ..distributed import process_group
 from ..plan import AllocationPlan, find_targets
+from .alphalora import matrix_eigs
 from .budget import DEFAULT_BUDGET, apportion, finish, fit, parse_budget, routed, target_dims
 from .probe import Cost, batches, pad_id
-from .alphalora import matrix_eigs
 from .registry import register
 from .sensitivity import backward_hooks, squared_grad_norm
 
