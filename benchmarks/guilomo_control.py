@@ -5,7 +5,9 @@ read-out) with real labels (tokens sampled from the teacher) and with shuffled l
 sequences assigned to other texts), for several seeds, with moela's defaults and with the public code's
 mechanics. Reported per mechanics: the share of expert counts and ranks equal to their random start
 (``plan.meta["unmoved"]``), and the mean per-module difference of total rank ``|Σr_a − Σr_b|`` between plans
-of two seeds (same labels) and between real and shuffled labels (same seed). Search cost is in ``alloc s``.
+of two seeds (same labels) and between real and shuffled labels (same seed), with the difference of their means
+(real-vs-shuffled minus seed-vs-seed) and its 95% bootstrap interval over seeds (:func:`label_effect`). Search cost
+is in ``alloc s``.
 
     python benchmarks/guilomo_control.py --scenario middle --seeds 0 1 2
     python benchmarks/guilomo_control.py --gsv-lr 3e-2 --out /tmp/g.json   # moela's mechanics at another lr
@@ -20,6 +22,7 @@ import statistics
 import time
 import warnings
 
+import numpy as np
 import torch
 
 import recovery as R
@@ -31,6 +34,27 @@ MECHANICS = {"moela defaults": {}, "published": R.VARIANTS["guilomo-published"][
 def shuffled(examples: list[dict], seed: int) -> list[dict]:
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(500 + seed)).tolist()
     return [{**ex, "labels": examples[j]["labels"]} for ex, j in zip(examples, order)]
+
+
+def label_effect(seed_vs_seed: dict[tuple[int, int], float], real_vs_shuffled: dict[int, float],
+                 resamples: int = 10_000) -> tuple[float, float, float]:
+    """``mean(real vs shuffled) − mean(seed vs seed)`` and its 95% percentile-bootstrap interval: the seeds are
+    drawn with replacement, and a draw's seed-vs-seed mean is over its pairs of two different draws whose seeds
+    differ (a seed drawn twice is not compared with itself)."""
+    seeds = sorted(real_vs_shuffled)
+    pair = np.full((len(seeds), len(seeds)), np.nan)
+    for (a, b), d in seed_vs_seed.items():
+        pair[seeds.index(a), seeds.index(b)] = pair[seeds.index(b), seeds.index(a)] = d
+    label = np.array([real_vs_shuffled[s] for s in seeds])
+
+    def effect(draw: np.ndarray) -> float:
+        return float(label[draw].mean() - np.nanmean(pair[np.ix_(draw, draw)]))
+
+    rng = np.random.default_rng(0)
+    draws = [rng.integers(len(seeds), size=len(seeds)) for _ in range(resamples)]
+    boot = [effect(d) for d in draws if len(set(d.tolist())) > 1]
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return effect(np.arange(len(seeds))), float(low), float(high)
 
 
 def main() -> None:
@@ -70,12 +94,14 @@ def main() -> None:
         def distance(a: dict, b: dict) -> float:
             return statistics.fmean(abs(a[n] - b[n]) for n in a)
 
-        seed_pairs = [distance(plans["real", a], plans["real", b]) for a, b in itertools.combinations(args.seeds, 2)]
-        label_pairs = [distance(plans["real", s], plans["shuffled", s]) for s in args.seeds]
+        seed_pairs = {(a, b): distance(plans["real", a], plans["real", b])
+                      for a, b in itertools.combinations(args.seeds, 2)}
+        label_pairs = {s: distance(plans["real", s], plans["shuffled", s]) for s in args.seeds}
+        effect = label_effect(seed_pairs, label_pairs) if len(args.seeds) > 2 else None
         out[label] = {"unmoved_experts": statistics.fmean(u["experts"] for u in unmoved),
                       "unmoved_ranks": statistics.fmean(u["ranks"] for u in unmoved),
-                      "seed_vs_seed": seed_pairs, "real_vs_shuffled": label_pairs,
-                      "search_s": statistics.fmean(seconds)}
+                      "seed_vs_seed": list(seed_pairs.values()), "real_vs_shuffled": list(label_pairs.values()),
+                      "label_effect": effect, "search_s": statistics.fmean(seconds)}
         print(label, json.dumps(out[label]), flush=True)
     with open(args.out, "w") as fh:
         json.dump({"scenario": args.scenario, "seeds": args.seeds, **out}, fh, indent=1)

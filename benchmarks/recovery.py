@@ -146,13 +146,24 @@ def sampled_examples(ids: torch.Tensor, teacher_logp: torch.Tensor, seed: int, s
     return out
 
 
-def soft_probe(model: torch.nn.Module, examples: list[dict], teacher_logp: torch.Tensor) -> list[dict]:
+SOFT = ("all", "fit", "measure")
+SOFT_LABEL = {None: "", "all": "/soft", "fit": "/soft-fit", "measure": "/soft-measure"}
+
+
+def soft_probe(model: torch.nn.Module, examples: list[dict], teacher_logp: torch.Tensor, where: str = "all"
+               ) -> list[dict]:
     """``examples`` (one per text, in the order of ``teacher_logp``) with a ``row`` index, and ``model``'s forward
     replaced, on this instance, by one whose ``loss`` is ``kl`` to the teacher's distributions at those rows:
-    the allocators see the students' objective instead of sampled labels."""
+    the allocators see the students' objective instead of sampled labels. ``where``: ``"all"`` every forward;
+    ``"fit"`` only forwards with gradients on (what an allocator trains or differentiates; the losses it only
+    measures, under ``no_grad``, stay the sampled labels' cross-entropy); ``"measure"`` the other way round."""
+    if where not in SOFT:
+        raise ValueError(f"where must be one of {SOFT}, got {where!r}")
     forward = model.forward
 
     def distill(input_ids=None, attention_mask=None, labels=None, row=None, **kwargs):
+        if where != "all" and torch.is_grad_enabled() != (where == "fit"):
+            return forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         out = forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         out["loss"] = kl(out.logits, teacher_logp[row.to(teacher_logp.device)])
         return out
@@ -250,13 +261,13 @@ def run(args: argparse.Namespace) -> list[dict]:
             planted, targets, val_targets, base_kl = setups[scenario]
             data = sampled_examples(ids[:args.probe], targets[:args.probe], seed, args.samples)
             for method in args.methods:
-                label = (method + (f"×{args.samples}" if args.samples > 1 else "") + ("/soft" if args.soft else "")
+                label = (method + (f"×{args.samples}" if args.samples > 1 else "") + SOFT_LABEL[args.soft]
                          + (f"@{args.probe}" if args.probe != PROBE else ""))
                 if (scenario, label, seed) in done:
                     continue
                 try:
                     model = load_base()
-                    probe = soft_probe(model, data, targets[:args.probe]) if args.soft else data
+                    probe = soft_probe(model, data, targets[:args.probe], args.soft) if args.soft else data
                     plan, seconds = plan_for(method, model, planted, probe, seed, budget)
                 except ValueError as err:  # e.g. a read-out whose smallest plan costs more than the budget
                     rows.append({"scenario": scenario, "method": label, "seed": seed, "error": str(err)})
@@ -386,9 +397,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--probe", type=int, default=PROBE, help="texts the data-driven allocators see (≤ --train)")
     parser.add_argument("--samples", type=int, default=1,
                         help="labels drawn from the teacher per probe text (methods are reported as NAME×S when > 1)")
-    parser.add_argument("--soft", action="store_true",
+    parser.add_argument("--soft", nargs="?", const="all", choices=SOFT,
                         help="the allocators' loss is the KL to the teacher's distributions (what the students "
-                             "train on) instead of the sampled labels' cross-entropy (reported as NAME/soft)")
+                             "train on) instead of the sampled labels' cross-entropy: in every forward (no value or "
+                             "'all', reported as NAME/soft), only where the allocator takes gradients ('fit', "
+                             "NAME/soft-fit) or only where it does not ('measure', NAME/soft-measure)")
     parser.add_argument("--length", type=int, default=48)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=16)

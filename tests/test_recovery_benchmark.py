@@ -52,6 +52,23 @@ def test_soft_probe_loss_is_the_students_kl(recovery, teacher_data):
     torch.testing.assert_close(loss, expected)
 
 
+@pytest.mark.parametrize("where", ["fit", "measure"])
+def test_split_soft_probe_gives_the_kl_only_where_gradients_are_on_or_off(recovery, teacher_data, where):
+    ids, targets = teacher_data
+    examples = recovery.sampled_examples(ids, targets, seed=0)
+    model = recovery.load_base()
+    batch = collate(recovery.soft_probe(model, examples, targets, where)[2:5])
+    base = recovery.load_base()
+    kl = recovery.kl(base(input_ids=ids[2:5]).logits, targets[2:5]).detach()
+    sampled = base(**collate(examples[2:5])).loss.detach()
+    with torch.no_grad():
+        measured = model(**batch).loss
+    fitted = model(**batch).loss
+    assert fitted.requires_grad
+    torch.testing.assert_close(measured, sampled if where == "fit" else kl)
+    torch.testing.assert_close(fitted.detach(), kl if where == "fit" else sampled)
+
+
 def test_tiny_run_labels_rows_by_probe(recovery, tmp_path, capsys):
     out = tmp_path / "recovery.json"
     argv = ["--scenarios", "deep", "--methods", "uniform", "prune", "--seeds", "0", "--steps", "2", "--train", "16",
@@ -75,3 +92,17 @@ def test_gap_closure_compares_a_method_with_uniform_and_the_oracle_on_the_same_s
     get = {("s", m, seed): {"loss": loss} for (m, seed), loss in losses.items()}
     assert recovery.gap_closure(get, "s", "m", [0, 1]) == pytest.approx(0.5)  # seed 0 only, not 0.07 vs 0.03
     assert math.isnan(recovery.gap_closure(get, "s", "x", [2]))
+
+
+def test_label_effect_compares_real_vs_shuffled_with_seed_vs_seed_distances(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import guilomo_control
+
+    seeds = range(5)
+    seed_pairs = {(a, b): 3.0 + 0.1 * (a + b) for a in seeds for b in seeds if a < b}
+    apart = guilomo_control.label_effect(seed_pairs, {s: 6.0 + 0.1 * s for s in seeds}, resamples=500)
+    mean_seed = sum(seed_pairs.values()) / len(seed_pairs)
+    assert apart[0] == pytest.approx(6.2 - mean_seed)
+    assert 0 < apart[1] <= apart[0] <= apart[2]
+    mixed = guilomo_control.label_effect(seed_pairs, {0: 1.0, 1: 6.0, 2: 1.5, 3: 6.5, 4: 3.0}, resamples=500)
+    assert mixed[1] < 0 < mixed[2]  # real-vs-shuffled distances on both sides of seed-vs-seed: not resolved
