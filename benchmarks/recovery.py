@@ -59,7 +59,8 @@ OPTIONS = {"mola": {"rank": 1}, "alphalora": {"rank": 1}, "sensitivity": {"rank"
 # GuiLoMo with the public code's mechanics (moela's defaults changed them; see moela/allocators/guilomo.py)
 VARIANTS = {"guilomo-published": ("guilomo", dict(estimator="selected", init_scale=1.0, gsv_lr=3e-3, b_std=0.02,
                                                   expert_mask="logits", rank_leak=1e-4, settle=None)),
-            "prune-importance": ("prune", dict(ranks="importance"))}  # survivors' ranks ∝ their importance
+            "prune-importance": ("prune", dict(ranks="importance")),  # survivors' ranks ∝ their importance
+            "prune-restarts": ("prune", dict(restarts=3))}  # the survivors of three searches most often kept
 BUDGET = "uniform:E=1,r=2"
 PROBE = 256  # texts the data-driven allocators see (rows of other sizes are reported as NAME@N)
 # The balance loss's coefficient in the students' training (summed over routed modules, moela's default

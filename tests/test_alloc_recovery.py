@@ -85,6 +85,22 @@ def test_prune_keeps_the_module_that_needs_an_update_and_leaves_the_model_as_it_
     assert not model.training and [p.requires_grad for p in model.parameters()] == flags
 
 
+def test_prune_restarts_keep_the_most_frequent_survivors():
+    model, data = toy_task(3)
+    options = dict(budget=TOY_BUDGET, data=data[:32], keep=0.5, warmup=40, refit=5, lr=0.02)
+    plan = allocate("prune", model, restarts=3, **options)
+    scores = plan.meta["scores"]
+    assert set(plan.modules) == {"layers.0.proj"} and scores["votes"] == {"layers.0.proj": 3}
+    assert [set(s["final"]) for s in scores["searches"]] == [{"layers.0.proj"}] * 3
+    mean = sum(s["final"]["layers.0.proj"] for s in scores["searches"]) / 3
+    assert scores["final"]["layers.0.proj"] == pytest.approx(mean)
+    one = allocate("prune", model, **options)
+    assert one.modules == allocate("prune", model, restarts=1, **options).modules
+    assert "votes" not in one.meta["scores"]
+    with pytest.raises(ValueError, match="restarts"):
+        allocate("prune", model, data=data[:32], restarts=0)
+
+
 def test_prune_gives_ranks_by_final_importance_when_asked():
     model, data = toy_task(3)
     totals = {}

@@ -12,7 +12,12 @@ last refit (``plan.meta["scores"]["final"]``). The survivors split the budget's 
 the default) or in proportion to those importances (``"importance"``), as ``⌈R_m / expert_rank⌉`` experts of
 equal rank with top-k routing; the other targets get no adapter.
 
-Cost: ``warmup + refit · rounds`` training steps and, per round and once at the end, one held-out pass per
+``restarts > 1`` runs that many independent searches (seeds ``seed``, ``seed + 1``, …: each its own split of the
+probe into training and held-out examples and its own adapter initialisation) and keeps the targets that survive
+most often (ties: larger summed final importance), as in stability selection; their ``final`` importance is the
+mean over the searches that kept them (``plan.meta["scores"]["votes"]`` counts them).
+
+Cost (per restart): ``warmup + refit · rounds`` training steps and, per round and once at the end, one held-out pass per
 remaining module and a reference pass (``rounds ≈ log(keep) / log(1 − drop)``). Memory: that of LoRA training at
 rank ``rank``.
 Several processes: each runs the whole search on all the probe data, without communication; the seed makes
@@ -22,6 +27,7 @@ their plans equal (the run pipeline keeps the main process's in any case).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 import torch
@@ -90,23 +96,33 @@ def prune_search(model: nn.Module, names: list[str], train: list[dict], val: lis
 def prune(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None, seed: int = 0,
           rank: int = 4, lr: float = 2e-3, warmup: int = 100, refit: int = 20, drop: float = 0.25,
           keep: float = 0.2, expert_rank: int = 8, top_k: int = 2, examples: int = 256, batch_size: int = 16,
-          val_fraction: float = 0.25, ranks: str = "equal") -> AllocationPlan:
+          val_fraction: float = 0.25, ranks: str = "equal", restarts: int = 1) -> AllocationPlan:
     """Iterative pruning of warm-up adapters by held-out ablation (module docstring); the ``keep`` share of the
     targets (at least one) survives and shares the budget equally (``ranks="equal"``) or in proportion to the
     survivors' final importances (``"importance"``), in experts of rank ≤ ``expert_rank``.
+    ``restarts``: independent searches whose most frequent survivors are kept (module docstring).
     Without a budget: as many parameters as uniform 4 experts of rank 8 on every target."""
     if not 0 < keep <= 1 or not 0 < drop < 1:
         raise ValueError(f"prune needs 0 < keep <= 1 and 0 < drop < 1, got keep={keep}, drop={drop}")
     if ranks not in ("importance", "equal"):
         raise ValueError(f"prune ranks must be 'importance' or 'equal', got {ranks!r}")
+    if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 1:
+        raise ValueError(f"prune restarts must be an integer >= 1, got {restarts!r}")
     names = find_targets(model, targets)
     dims = target_dims(model, names)
     target = parse_budget(budget if budget is not None else DEFAULT_BUDGET, model, targets)
     cost = Cost("prune")
-    train, val = holdout(data, val_fraction, batch_size, seed, pad_id(model), examples)
-    final, rounds = prune_search(model, names, train, val, rank=rank, lr=lr, warmup=warmup, refit=refit,
-                                 drop=drop, keep=max(1, round(keep * len(names))), seed=seed, cost=cost)
-    survivors = list(final)
+    kept = max(1, round(keep * len(names)))
+    searches = []
+    for run in range(restarts):
+        train, val = holdout(data, val_fraction, batch_size, seed + run, pad_id(model), examples)
+        searches.append(prune_search(model, names, train, val, rank=rank, lr=lr, warmup=warmup, refit=refit,
+                                     drop=drop, keep=kept, seed=seed + run, cost=cost))
+    votes = Counter(name for final, _ in searches for name in final)
+    summed = {name: sum(final.get(name, 0.0) for final, _ in searches) for name in votes}
+    chosen = set(sorted(votes, key=lambda n: (-votes[n], -summed[n]))[:kept])
+    survivors = [n for n in names if n in chosen]
+    final = {n: summed[n] / votes[n] for n in survivors}
     weights = [max(final[n], 0.0) if ranks == "importance" else 1.0 for n in survivors]
 
     def build(total: int) -> dict:
@@ -119,5 +135,8 @@ def prune(model: nn.Module, *, targets: Any, budget: int | str | None = None, da
                      minimum=f"one rank-1 expert on each of the {len(survivors)} surviving modules")
     options = {"rank": rank, "lr": lr, "warmup": warmup, "refit": refit, "drop": drop, "keep": keep,
                "expert_rank": expert_rank, "top_k": top_k, "examples": examples, "batch_size": batch_size,
-               "val_fraction": val_fraction, "seed": seed, "ranks": ranks}
-    return finish(modules, dims, "prune", options, target, {"rounds": rounds, "final": final}, cost.report())
+               "val_fraction": val_fraction, "seed": seed, "ranks": ranks, "restarts": restarts}
+    scores = {"rounds": searches[0][1], "final": final}
+    if restarts > 1:  # the first search's rounds above; every search's survivors and their importances here
+        scores.update(votes=dict(votes), searches=[{"final": f, "rounds": r} for f, r in searches])
+    return finish(modules, dims, "prune", options, target, scores, cost.report())
