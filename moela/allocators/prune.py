@@ -17,9 +17,9 @@ probe into training and held-out examples and its own adapter initialisation) an
 most often (ties: larger summed final importance), as in stability selection; their ``final`` importance is the
 mean over the searches that kept them (``plan.meta["scores"]["votes"]`` counts them).
 
-Cost (per restart): ``warmup + refit · rounds`` training steps and, per round and once at the end, one held-out pass per
-remaining module and a reference pass (``rounds ≈ log(keep) / log(1 − drop)``). Memory: that of LoRA training at
-rank ``rank``.
+Cost, per restart: ``warmup + refit · rounds`` training steps and, per round and once at the end, one held-out
+pass per remaining module and a reference pass (``rounds ≈ log(keep) / log(1 − drop)``). Memory: that of LoRA
+training at rank ``rank``.
 Several processes: each runs the whole search on all the probe data, without communication; the seed makes
 their plans equal (the run pipeline keeps the main process's in any case).
 """
