@@ -44,6 +44,8 @@ from moela.allocators.budget import apportion, finish, parse_budget, routed, tar
 from moela.io import atomic_write_text
 from moela.plan import AllocationPlan, find_targets, layer_index, module_type
 
+from intervals import ci  # benchmarks/intervals.py (this script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 MODEL = SHARED / "models" / "stories260k"
@@ -295,18 +297,6 @@ def save(path: Path, rows: list[dict]) -> None:
     """Write the results so far (failed plans included), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(rows, indent=1) + "\n")
-
-
-def t95(n: int) -> float:
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, n - 1)) if n > 1 else float("nan")
-
-
-def ci(values: list[float]) -> tuple[float, float]:
-    """(mean, half-width of the 95% t-interval)."""
-    mean = statistics.fmean(values)
-    return mean, (t95(len(values)) * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan)
 
 
 def fmt(value: float, half: float, spec: str) -> str:

@@ -43,6 +43,9 @@ import moela
 from moela.plan import AllocationPlan, ModulePlan, find_targets, layer_index
 from moela.reference import LoopLoraMoELinear
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from intervals import ci  # noqa: E402  (benchmarks/intervals.py)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 VARIANTS = ("peft", "uniform", "hetero", "loop")
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -230,12 +233,9 @@ def paired(times: dict, num, den) -> float:
 
 
 def interval(times: dict, num, den) -> str:
-    """The geometric mean of the per-round ratios ``num / den`` with its 95% t-interval (over rounds)."""
-    from scipy.stats import t
-
-    logs = [math.log(a / b) for a, b in zip(times[num], times[den])]
-    mean = statistics.fmean(logs)
-    half = t.ppf(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs)) if len(logs) > 1 else math.inf
+    """The geometric mean of the per-round ratios ``num / den`` with its 95% t-interval (over rounds; nan for
+    one round)."""
+    mean, half = ci([math.log(a / b) for a, b in zip(times[num], times[den])])
     return f"{math.exp(mean):.3f} [{math.exp(mean - half):.3f}, {math.exp(mean + half):.3f}]"
 
 
