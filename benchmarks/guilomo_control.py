@@ -6,8 +6,10 @@ sequences assigned to other texts), for several seeds, with moela's defaults and
 mechanics. Reported per mechanics: the share of expert counts and ranks equal to their random start
 (``plan.meta["unmoved"]``), and the mean per-module difference of total rank ``|Σr_a − Σr_b|`` between plans
 of two seeds (same labels) and between real and shuffled labels (same seed), with the difference of their means
-(real-vs-shuffled minus seed-vs-seed) and its 95% bootstrap interval over seeds (:func:`label_effect`). Search cost
-is in ``alloc s``.
+(real-vs-shuffled minus seed-vs-seed) and its 95% bootstrap interval over seeds (:func:`label_effect`); the same
+for the plans' shapes (``shape_*``: every plan scaled to the real plans' mean total rank first,
+:func:`shape_distance`), the mean total rank of the real and shuffled plans, and every plan's total rank per
+module (``plans``). Search cost is in ``search_s``.
 
     python benchmarks/guilomo_control.py --scenario middle --seeds 0 1 2
     python benchmarks/guilomo_control.py --gsv-lr 3e-2 --out /tmp/g.json   # moela's mechanics at another lr
@@ -16,6 +18,7 @@ is in ``alloc s``.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import statistics
@@ -34,6 +37,18 @@ MECHANICS = {"moela defaults": {}, "published": R.VARIANTS["guilomo-published"][
 def shuffled(examples: list[dict], seed: int) -> list[dict]:
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(500 + seed)).tolist()
     return [{**ex, "labels": examples[j]["labels"]} for ex, j in zip(examples, order)]
+
+
+def distance(a: dict[str, int], b: dict[str, int]) -> float:
+    """Mean over the modules of ``|Σr_a − Σr_b|``, the difference of their total ranks in two plans."""
+    return statistics.fmean(abs(a[n] - b[n]) for n in a)
+
+
+def shape_distance(a: dict[str, int], b: dict[str, int], total: float) -> float:
+    """:func:`distance` after scaling both plans to the total rank ``total`` (one value for every pair compared):
+    what differs between them once a budget has rescaled their ranks together, as GuiLoMo's read-out is under one."""
+    total_a, total_b = sum(a.values()), sum(b.values())
+    return statistics.fmean(abs(a[n] * total / total_a - b[n] * total / total_b) for n in a)
 
 
 def label_effect(seed_vs_seed: dict[tuple[int, int], float], real_vs_shuffled: dict[int, float],
@@ -91,18 +106,23 @@ def main() -> None:
                 plans[kind, seed] = {n: sum(s.ranks) for n, s in plan.items()}
                 unmoved.append(plan.meta["unmoved"])
 
-        def distance(a: dict, b: dict) -> float:
-            return statistics.fmean(abs(a[n] - b[n]) for n in a)
-
-        seed_pairs = {(a, b): distance(plans["real", a], plans["real", b])
-                      for a, b in itertools.combinations(args.seeds, 2)}
-        label_pairs = {s: distance(plans["real", s], plans["shuffled", s]) for s in args.seeds}
-        effect = label_effect(seed_pairs, label_pairs) if len(args.seeds) > 2 else None
         out[label] = {"unmoved_experts": statistics.fmean(u["experts"] for u in unmoved),
                       "unmoved_ranks": statistics.fmean(u["ranks"] for u in unmoved),
-                      "seed_vs_seed": list(seed_pairs.values()), "real_vs_shuffled": list(label_pairs.values()),
-                      "label_effect": effect, "search_s": statistics.fmean(seconds)}
-        print(label, json.dumps(out[label]), flush=True)
+                      "total_rank": {kind: statistics.fmean(sum(plans[kind, s].values()) for s in args.seeds)
+                                     for kind in ("real", "shuffled")}}
+        common = statistics.fmean(sum(plans["real", s].values()) for s in args.seeds)
+        shape = functools.partial(shape_distance, total=common)
+        for key, measure in (("", distance), ("shape_", shape)):
+            seed_pairs = {(a, b): measure(plans["real", a], plans["real", b])
+                          for a, b in itertools.combinations(args.seeds, 2)}
+            label_pairs = {s: measure(plans["real", s], plans["shuffled", s]) for s in args.seeds}
+            out[label].update({f"{key}seed_vs_seed": list(seed_pairs.values()),
+                               f"{key}real_vs_shuffled": list(label_pairs.values()),
+                               f"{key}label_effect": label_effect(seed_pairs, label_pairs) if len(args.seeds) > 2
+                               else None})
+        out[label]["search_s"] = statistics.fmean(seconds)
+        out[label]["plans"] = {kind: [plans[kind, s] for s in args.seeds] for kind in ("real", "shuffled")}
+        print(label, json.dumps({k: v for k, v in out[label].items() if k != "plans"}), flush=True)
     with open(args.out, "w") as fh:
         json.dump({"scenario": args.scenario, "seeds": args.seeds, **out}, fh, indent=1)
 

@@ -106,3 +106,16 @@ def test_label_effect_compares_real_vs_shuffled_with_seed_vs_seed_distances(monk
     assert 0 < apart[1] <= apart[0] <= apart[2]
     mixed = guilomo_control.label_effect(seed_pairs, {0: 1.0, 1: 6.0, 2: 1.5, 3: 6.5, 4: 3.0}, resamples=500)
     assert mixed[1] < 0 < mixed[2]  # real-vs-shuffled distances on both sides of seed-vs-seed: not resolved
+
+
+def test_shape_distance_ignores_a_plan_wide_scale_that_distance_counts(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import guilomo_control
+
+    a = {"q": 2, "k": 4, "v": 6}
+    doubled = {n: 2 * r for n, r in a.items()}
+    assert guilomo_control.distance(a, doubled) == pytest.approx(4.0)
+    assert guilomo_control.shape_distance(a, doubled, total=12) == pytest.approx(0.0)
+    moved = {"q": 6, "k": 4, "v": 2}  # same total, mass moved from v to q
+    assert guilomo_control.shape_distance(a, moved, total=12) == pytest.approx(guilomo_control.distance(a, moved))
+    assert guilomo_control.shape_distance(a, moved, total=24) == pytest.approx(2 * 8 / 3)  # in ranks at that total
