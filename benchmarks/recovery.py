@@ -41,6 +41,7 @@ import transformers
 import moela
 from moela.allocators import allocate
 from moela.allocators.budget import apportion, finish, parse_budget, routed, target_dims
+from moela.distillation import kl_to_teacher as kl  # mean over tokens of KL(teacher ‖ student)
 from moela.io import atomic_write_text
 from moela.plan import AllocationPlan, find_targets, layer_index, module_type
 
@@ -131,12 +132,6 @@ def teacher_targets(teacher: torch.nn.Module, ids: torch.Tensor, batch: int = 64
     return torch.cat([teacher(input_ids=ids[i:i + batch]).logits.log_softmax(-1) for i in range(0, len(ids), batch)])
 
 
-def kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of ``KL(teacher ‖ student)``."""
-    logq = student_logits.log_softmax(-1)
-    return (teacher_logp.exp() * (teacher_logp - logq)).sum(-1).mean()
-
-
 def sampled_examples(ids: torch.Tensor, teacher_logp: torch.Tensor, seed: int, samples: int = 1) -> list[dict]:
     """Tokenised examples whose labels are tokens sampled from the teacher (label t+1 ~ teacher(· | ids ≤ t)):
     ``samples`` examples per text with independent draws, text-major."""
@@ -157,7 +152,8 @@ def soft_probe(model: torch.nn.Module, examples: list[dict], teacher_logp: torch
                ) -> list[dict]:
     """``examples`` (one per text, in the order of ``teacher_logp``) with a ``row`` index, and ``model``'s forward
     replaced, on this instance, by one whose ``loss`` is ``kl`` to the teacher's distributions at those rows:
-    the allocators see the students' objective instead of sampled labels. ``where``: ``"all"`` every forward;
+    the allocators see the students' objective instead of sampled labels (``moela.teacher_loss`` with the teacher's
+    distributions computed once; it scores every position, also the last one, which has no label). ``where``: ``"all"`` every forward;
     ``"fit"`` only forwards with gradients on (what an allocator trains or differentiates; the losses it only
     measures, under ``no_grad``, stay the sampled labels' cross-entropy); ``"measure"`` the other way round."""
     if where not in SOFT:

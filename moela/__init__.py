@@ -16,6 +16,7 @@ _EXPORTS = {
     "load_adapter": "adapter", "save_adapter": "adapter",
     "allocate": "allocators", "allocator": "allocators", "available": "allocators", "register": "allocators",
     "MoelaConfig": "config",
+    "teacher_loss": "distillation",
     "LoraMoELinear": "layer",
     "balance_loss": "model", "count_parameters": "model", "disable_adapters": "model", "inject": "model",
     "merge_and_unload": "model", "moela_layers": "model", "print_trainable_parameters": "model",

@@ -1,0 +1,109 @@
+"""``moela.teacher_loss``: a teacher's distributions as the probe loss of the data-driven allocators."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+import moela
+from moela.distillation import kl_to_teacher
+
+from tests.helpers import TINY, batch, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def planted_pair(seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A tiny Llama (weights large enough that its outputs are far from uniform) and the same model with a rank-4
+    change of ``model.layers.1.mlp.down_proj``."""
+    torch.manual_seed(0)
+    student = transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(**TINY, initializer_range=0.2)).eval()
+    teacher = copy.deepcopy(student)
+    g = torch.Generator().manual_seed(seed)
+    weight = teacher.model.layers[1].mlp.down_proj.weight
+    with torch.no_grad():
+        u = torch.linalg.qr(torch.randn(weight.shape[0], 4, generator=g))[0]
+        v = torch.linalg.qr(torch.randn(weight.shape[1], 4, generator=g))[0]
+        weight.add_(u @ v.T)
+    return student, teacher
+
+
+def test_the_loss_is_the_kl_over_the_positions_the_labels_score_and_the_forward_comes_back():
+    student, teacher = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    inputs = batch(size=3, length=9)
+    labels = inputs["input_ids"].clone()
+    labels[0, -2:] = -100  # padding
+    labels[1, :4] = -100  # a prompt
+    with torch.no_grad():
+        logits, target = student(**inputs).logits, teacher(**inputs).logits
+    mask = labels[:, 1:] != -100
+    expected = kl_to_teacher(logits[:, :-1], target[:, :-1].log_softmax(-1), mask)
+    manual = (target[:, :-1].softmax(-1) * (target[:, :-1].log_softmax(-1) - logits[:, :-1].log_softmax(-1))).sum(-1)
+    torch.testing.assert_close(expected, manual[mask].mean())
+
+    teacher.train()
+    with moela.teacher_loss(student, teacher) as model:
+        assert model is student
+        loss = student(**inputs, labels=labels).loss
+        torch.testing.assert_close(loss, expected)
+        loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+        assert all(p.grad is None for p in teacher.parameters())
+        unlabelled = student(**inputs).loss  # no labels: every position
+        torch.testing.assert_close(unlabelled, kl_to_teacher(logits, target.log_softmax(-1)))
+    assert "forward" not in student.__dict__ and teacher.training
+    ce = student(**inputs, labels=labels).loss
+    assert not torch.allclose(ce, expected)  # the model's own loss again
+
+    with moela.teacher_loss(student, copy.deepcopy(student)):
+        assert student(**inputs, labels=labels).loss.abs() < 1e-6  # a teacher equal to the model: KL 0
+
+
+def test_sequence_classification_and_unshifted_tokens():
+    student, teacher = tiny_model("bert", seed=0), tiny_model("bert", seed=1)
+    inputs = batch(size=4)
+    with torch.no_grad():
+        logits, target = student(**inputs).logits, teacher(**inputs).logits
+    with moela.teacher_loss(student, teacher):
+        loss = student(**inputs, labels=torch.tensor([0, 2, 1, 0])).loss
+    torch.testing.assert_close(loss, kl_to_teacher(logits, target.log_softmax(-1)))
+
+    lm, lm_teacher = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, 3] = 5  # score position 3 only
+    with torch.no_grad():
+        logits, target = lm(**inputs).logits, lm_teacher(**inputs).logits
+    with moela.teacher_loss(lm, lm_teacher, shift=False):
+        loss = lm(**inputs, labels=labels).loss
+    torch.testing.assert_close(loss, kl_to_teacher(logits[:, 3], target[:, 3].log_softmax(-1)))
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_by_name():
+    student = tiny_model("llama")
+    torch.manual_seed(0)
+    other = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**{**TINY, "vocab_size": 101}))
+    with moela.teacher_loss(student, other), pytest.raises(ValueError, match="share the vocabulary"):
+        student(**batch())
+    assert "forward" not in student.__dict__
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_prune_with_a_teacher_keeps_the_changed_map(seed):
+    student, teacher = planted_pair(seed)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (64, 16), generator=g)
+    data = [{"input_ids": r.tolist(), "attention_mask": [1] * 16, "labels": r.tolist()} for r in ids]
+    with torch.no_grad():
+        base_kl = float(kl_to_teacher(student(input_ids=ids).logits, teacher(input_ids=ids).logits.log_softmax(-1)))
+    with moela.teacher_loss(student, teacher):
+        plan = moela.allocate("prune", student, targets="all-linear", data=data, keep=0.1, warmup=40, refit=10,
+                              lr=1e-2, batch_size=8, seed=seed)
+    final = plan.meta["scores"]["final"]
+    changed = "model.layers.1.mlp.down_proj"
+    assert changed in plan.modules
+    assert final[changed] > 0.5 * base_kl  # its adapter carries most of the change
+    assert all(abs(v) < 0.01 * final[changed] for n, v in final.items() if n != changed)
