@@ -24,7 +24,7 @@ from torch import nn
 
 from .allocators import allocate, allocator, options_for
 from .allocators.budget import TOLERANCE, parse_budget, parse_pattern, plan_cost, routed, target_dims
-from .base_model import DATA_KINDS, load_model, model_task
+from .base_model import DATA_KINDS, load_model, model_task, read_config
 from .plan import AllocationPlan, find_targets
 from .settings import Settings
 
@@ -343,8 +343,29 @@ def preflight(settings: Settings, *, evaluate: bool = True, allocation: bool = T
         check_protocol(settings, task)
     if allocation:
         options = check_options(settings)
-        check_on_meta(settings, meta_model(settings, task, model_config), options)
+        model = meta_model(settings, task, model_config)
+        check_on_meta(settings, model, options)
+        if settings.adapter.teacher:
+            check_teacher(settings, model)
     return task
+
+
+def check_teacher(settings: Settings, model: nn.Module) -> None:
+    """``adapter.teacher``: some method of the run is data-driven, and the teacher's config can be read and has
+    the model's vocabulary size (a label set that differs shows in the first probe batch)."""
+    teacher = settings.adapter.teacher
+    if not any(allocator(m).needs_data for m in settings.methods):
+        raise ValueError(f"config key 'adapter.teacher' is set, but no method of this run "
+                         f"({', '.join(settings.methods)}) probes data")
+    try:
+        config = read_config(teacher)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"adapter.teacher={teacher!r}: cannot read its config ({first})") from None
+    theirs, ours = getattr(config, "vocab_size", None), getattr(model.config, "vocab_size", None)
+    if theirs != ours:
+        raise ValueError(f"adapter.teacher={teacher!r} has a vocabulary of {theirs} tokens, the model {ours}: the "
+                         f"teacher must share the model's tokenizer")
 
 
 def check_prepared(settings: Settings, prepared: Any) -> None:

@@ -24,6 +24,7 @@ from .allocators import allocate, allocator, options_for
 from .base_model import DATA_KINDS, load_model, load_tokenizer, model_task
 from .config import MoelaConfig
 from .data import load_records, make_loader, split_validation, task_ids, text_bound, tokenize
+from .distillation import teacher_loss
 from .distributed import broadcast, on_main, process_state
 from .evaluate import RoutingCounter, evaluate, lm_eval_harness, routing_statistics
 from .io import recover_dir
@@ -119,7 +120,7 @@ def load_base(settings: Settings, prepared: Prepared, meta: bool = False) -> tup
 # --- allocation -------------------------------------------------------------------------------------------------
 def make_plan(settings: Settings, model: nn.Module, prepared: Prepared | None, method: str) -> AllocationPlan:
     """The plan: ``adapter.plan`` if given, else ``moela.allocate`` with the run's method, targets, budget and
-    options (and data for data-driven allocators)."""
+    options (and data for data-driven allocators, probed with ``adapter.teacher``'s distributions if set)."""
     adapter = settings.adapter
     if adapter.plan:
         return checks.given_plan(settings, model)
@@ -130,8 +131,15 @@ def make_plan(settings: Settings, model: nn.Module, prepared: Prepared | None, m
                            seed=settings.train.seed)
     elif allocator(method).needs_data:
         raise ValueError(f"allocator {method!r} is data-driven: it needs data.train")
-    return allocate(method, model, targets=adapter.targets, budget=adapter.budget, data=data,
-                    seed=settings.train.seed, **options_for(method, adapter.options or {}, settings.methods))
+    options = options_for(method, adapter.options or {}, settings.methods)
+    if not (adapter.teacher and allocator(method).needs_data):
+        return allocate(method, model, targets=adapter.targets, budget=adapter.budget, data=data,
+                        seed=settings.train.seed, **options)
+    teacher = load_model(adapter.teacher, prepared.task, num_labels=prepared.num_labels,
+                         dtype=settings.model.dtype)[0].to(next(model.parameters()).device)
+    with teacher_loss(model, teacher):
+        return allocate(method, model, targets=adapter.targets, budget=adapter.budget, data=data,
+                        seed=settings.train.seed, **options)
 
 
 def check_methods(settings: Settings, evaluate: bool = True, data: bool = True,

@@ -77,6 +77,9 @@ class AdapterSettings:
                                 "method of a comparison")
     plan: str | None = setting(None, "a plan.json to use instead of allocating")
     alloc_samples: int = setting(256, "training examples shown to data-driven allocators", low=1)
+    teacher: str | None = setting(None, "a model (hub name or folder) whose output distributions the "
+                                        "data-driven allocators probe with instead of the labels (distillation); "
+                                        "it shares the model's tokenizer or label set")
     alpha: float = setting(16.0, "LoRA scale numerator (expert i is scaled by alpha/r_i)", above=0)
     dropout: float = setting(0.05, "dropout on the adapter input", low=0, below=1)
     scaling: str = setting("lora", "alpha/r (lora) or alpha/sqrt(r) (rslora)", choices=SCALINGS)

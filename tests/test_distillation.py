@@ -9,9 +9,10 @@ import torch
 import transformers
 
 import moela
+from moela import AllocationPlan, load_settings
 from moela.distillation import kl_to_teacher
 
-from tests.helpers import TINY, batch, tiny_model
+from tests.helpers import TINY, batch, lm_config, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,3 +108,40 @@ def test_prune_with_a_teacher_keeps_the_changed_map(seed):
     assert changed in plan.modules
     assert final[changed] > 0.5 * base_kl  # its adapter carries most of the change
     assert all(abs(v) < 0.01 * final[changed] for n, v in final.items() if n != changed)
+
+
+def test_a_run_allocates_with_the_teacher_it_names(tmp_path, tiny_lm, monkeypatch):
+    from moela import pipeline
+
+    seen = {}
+
+    def recording(method, model, *, data, **kwargs):  # the probe loss the allocator would see on the first batch
+        inputs = {k: v for k, v in next(iter(data)).items() if k != "task"}
+        with torch.no_grad():
+            seen[method, "teacher" if "forward" in model.__dict__ else "labels"] = float(model(**inputs).loss)
+        return AllocationPlan.uniform(model, "all-linear", experts=1, rank=2, top_k=1)
+
+    monkeypatch.setattr(pipeline, "allocate", recording)
+    for teacher in (None, str(tiny_lm)):  # the teacher: the base model itself, so its KL to the model is 0
+        config = lm_config(tmp_path, tiny_lm, adapter={"method": "sensitivity", "teacher": teacher, "options": {}})
+        ((plan, model),) = pipeline.plan_only(load_settings(config))
+        assert "forward" not in model.__dict__  # the model's own forward once the plan is made
+    assert seen["sensitivity", "labels"] > 1.0  # cross-entropy of the labels
+    assert seen["sensitivity", "teacher"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_teacher_is_checked_before_any_work(tmp_path, tiny_lm):
+    from moela.checks import preflight
+
+    def settings(method: str, teacher: str):
+        return load_settings(lm_config(tmp_path, tiny_lm, adapter={"method": method, "teacher": teacher,
+                                                                   "options": {}}))
+
+    with pytest.raises(ValueError, match=r"'adapter.teacher' is set, but no method of this run \(uniform\)"):
+        preflight(settings("uniform", str(tiny_lm)))
+    with pytest.raises(ValueError, match="adapter.teacher='./no-such-teacher': cannot read its config"):
+        preflight(settings("prune", "./no-such-teacher"))
+    other = tmp_path / "other"
+    transformers.LlamaConfig(**{**TINY, "vocab_size": 101}).save_pretrained(other)
+    with pytest.raises(ValueError, match="vocabulary of 101 tokens, the model"):
+        preflight(settings("prune", str(other)))
