@@ -25,6 +25,7 @@ allocator's randomness and its probe sample; the teacher and the texts are the s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -254,20 +255,21 @@ def run(args: argparse.Namespace) -> list[dict]:
         targets, val_targets = teacher_targets(teacher, ids), teacher_targets(teacher, val_ids)
         with torch.no_grad():
             base_kl = kl(base(input_ids=val_ids).logits, val_targets).item()
-        setups[scenario] = planted, targets, val_targets, base_kl
+        setups[scenario] = planted, targets, val_targets, base_kl, teacher
     for seed in args.seeds:  # seed-major, so that an interrupted run has every scenario at the first seeds
         for scenario in args.scenarios:
-            planted, targets, val_targets, base_kl = setups[scenario]
+            planted, targets, val_targets, base_kl, teacher = setups[scenario]
             data = sampled_examples(ids[:args.probe], targets[:args.probe], seed, args.samples)
             for method in args.methods:
                 label = (method + (f"×{args.samples}" if args.samples > 1 else "") + SOFT_LABEL[args.soft]
-                         + (f"@{args.probe}" if args.probe != PROBE else ""))
+                         + ("/teacher" if args.teacher else "") + (f"@{args.probe}" if args.probe != PROBE else ""))
                 if (scenario, label, seed) in done:
                     continue
                 try:
                     model = load_base()
                     probe = soft_probe(model, data, targets[:args.probe], args.soft) if args.soft else data
-                    plan, seconds = plan_for(method, model, planted, probe, seed, budget)
+                    with moela.teacher_loss(model, teacher) if args.teacher else contextlib.nullcontext():
+                        plan, seconds = plan_for(method, model, planted, probe, seed, budget)
                 except ValueError as err:  # e.g. a read-out whose smallest plan costs more than the budget
                     rows.append({"scenario": scenario, "method": label, "seed": seed, "error": str(err)})
                     print(f"{scenario:12s} {label:12s} seed {seed}: {err}", flush=True)
@@ -389,6 +391,9 @@ def main(argv: list[str] | None = None) -> None:
                              "train on) instead of the sampled labels' cross-entropy: in every forward (no value or "
                              "'all', reported as NAME/soft), only where the allocator takes gradients ('fit', "
                              "NAME/soft-fit) or only where it does not ('measure', NAME/soft-measure)")
+    parser.add_argument("--teacher", action="store_true",
+                        help="the allocators probe inside moela.teacher_loss(model, teacher), the library's way to the "
+                             "same KL as --soft (NAME/teacher): the teacher runs on every probe batch")
     parser.add_argument("--length", type=int, default=48)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=16)
@@ -399,6 +404,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.soft and args.samples > 1:
         parser.error("--soft replaces the sampled labels: give it without --samples")
+    if args.soft and args.teacher:
+        parser.error("--soft and --teacher are two ways to the same probe loss: give one")
     if args.report_only is not None:
         rows = [r for f in (args.report_only or [args.out]) for r in json.loads(Path(f).read_text())]
     else:

@@ -80,6 +80,11 @@ def test_tiny_run_labels_rows_by_probe(recovery, tmp_path, capsys):
     assert "| prune/soft@8 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         recovery.main([*argv, "--samples", "2"])  # --soft replaces the sampled labels
+    with pytest.raises(SystemExit):
+        recovery.main([*argv, "--teacher"])  # two ways to the same probe loss
+    teacher = [a for a in argv if a != "--soft"] + ["--teacher", "--methods", "prune"]
+    recovery.main(teacher)
+    assert [r["method"] for r in json.loads(out.read_text())][-1] == "prune/teacher@8"
 
 
 def test_gap_closure_compares_a_method_with_uniform_and_the_oracle_on_the_same_seeds(monkeypatch):
