@@ -145,3 +145,17 @@ def test_a_teacher_is_checked_before_any_work(tmp_path, tiny_lm):
     transformers.LlamaConfig(**{**TINY, "vocab_size": 101}).save_pretrained(other)
     with pytest.raises(ValueError, match="vocabulary of 101 tokens, the model"):
         preflight(settings("prune", str(other)))
+
+
+def test_bf16_models_give_a_float32_loss_close_to_float32_models():
+    student, teacher = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    inputs = batch(size=2, length=9)
+    labels = inputs["input_ids"].clone()
+    with moela.teacher_loss(student, teacher):
+        exact = student(**inputs, labels=labels).loss
+    student, teacher = student.to(torch.bfloat16), teacher.to(torch.bfloat16)
+    with moela.teacher_loss(student, teacher):
+        low = student(**inputs, labels=labels).loss
+    assert low.dtype == torch.float32 and torch.isfinite(low)
+    assert exact > 1e-3  # the two models differ: a loss that bf16 rounding could hide is no test
+    torch.testing.assert_close(low, exact, rtol=0.02, atol=1e-4)
