@@ -8,11 +8,17 @@ mechanics. Reported per mechanics: the share of expert counts and ranks equal to
 of two seeds (same labels) and between real and shuffled labels (same seed), with the difference of their means
 (real-vs-shuffled minus seed-vs-seed) and its 95% bootstrap interval over seeds (:func:`label_effect`); the same
 for the plans' shapes (``shape_*``: every plan scaled to the real plans' mean total rank first,
-:func:`shape_distance`), the mean total rank of the real and shuffled plans, and every plan's total rank per
-module (``plans``). Search cost is in ``search_s``.
+:func:`shape_distance`; a real-vs-shuffled pair shares its seed's random start, a seed-vs-seed pair does not, so
+this comparison favours the labels' pairs). A fair test of the shape is :func:`shape_shift`: whether the average
+shape under real labels differs from the average under shuffled ones beyond what swapping the two within seeds
+gives (``shape_shift``: observed, null mean, permutation p). Also the mean total rank of the real and shuffled
+plans, the planted modules' share of the rank (``planted_share``: real, shuffled, the modules' share of the
+count, and the paired difference with its 95% t-interval), and every plan's total rank per module (``plans``).
+Search cost is in ``search_s``.
 
     python benchmarks/guilomo_control.py --scenario middle --seeds 0 1 2
     python benchmarks/guilomo_control.py --gsv-lr 3e-2 --out /tmp/g.json   # moela's mechanics at another lr
+    python benchmarks/guilomo_control.py --from results/g.json --out results/g.json   # statistics again, no search
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ import json
 import statistics
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import recovery as R
+from intervals import ci
 from moela.allocators import allocate
 
 MECHANICS = {"moela defaults": {}, "published": R.VARIANTS["guilomo-published"][1]}
@@ -72,6 +80,56 @@ def label_effect(seed_vs_seed: dict[tuple[int, int], float], real_vs_shuffled: d
     return effect(np.arange(len(seeds))), float(low), float(high)
 
 
+def shape_shift(real: list[dict[str, int]], shuffled: list[dict[str, int]], total: float,
+                resamples: int = 5000) -> tuple[float, float, float]:
+    """Does the average shape of the plans follow the labels? The mean over modules of the difference between the
+    seeds' mean rank shares (each plan's ranks over its total) under real and under shuffled labels, in ranks at
+    the total rank ``total``; its mean under the null that labels do not matter (real and shuffled swapped within
+    each seed, at random), and the one-sided permutation p-value. Plans ``i`` of both lists share seed ``i``."""
+    names = list(real[0])
+    shares = [np.array([[p[n] for n in names] for p in plans], dtype=float) for plans in (real, shuffled)]
+    a, b = (s / s.sum(1, keepdims=True) for s in shares)
+
+    def stat(x: np.ndarray, y: np.ndarray) -> float:
+        return float(np.abs(x.mean(0) - y.mean(0)).mean() * total)
+
+    rng = np.random.default_rng(0)
+    null = []
+    for _ in range(resamples):
+        flip = rng.random(len(a))[:, None] < 0.5
+        null.append(stat(np.where(flip, b, a), np.where(flip, a, b)))
+    observed = stat(a, b)
+    return observed, float(np.mean(null)), float((1 + sum(n >= observed for n in null)) / (1 + resamples))
+
+
+def planted_share(plans: list[dict[str, int]], planted: dict[str, int]) -> list[float]:
+    """Each plan's share of its total rank on the planted modules."""
+    return [sum(r for n, r in plan.items() if n in planted) / sum(plan.values()) for plan in plans]
+
+
+def summarise(plans: dict[tuple[str, int], dict[str, int]], seeds: list[int], planted: dict[str, int]) -> dict:
+    """Total ranks, distances between plans (raw and shape) with the labels' effect, the shape shift test and the
+    planted maps' share of the rank, for real and shuffled labels (module docstring)."""
+    real, fake = [plans["real", s] for s in seeds], [plans["shuffled", s] for s in seeds]
+    out = {"total_rank": {"real": statistics.fmean(sum(p.values()) for p in real),
+                          "shuffled": statistics.fmean(sum(p.values()) for p in fake)}}
+    shape = functools.partial(shape_distance, total=out["total_rank"]["real"])
+    for key, measure in (("", distance), ("shape_", shape)):
+        seed_pairs = {(a, b): measure(plans["real", a], plans["real", b]) for a, b in itertools.combinations(seeds, 2)}
+        label_pairs = {s: measure(plans["real", s], plans["shuffled", s]) for s in seeds}
+        out.update({f"{key}seed_vs_seed": list(seed_pairs.values()),
+                    f"{key}real_vs_shuffled": list(label_pairs.values()),
+                    f"{key}label_effect": label_effect(seed_pairs, label_pairs) if len(seeds) > 2 else None})
+    if len(seeds) > 2:
+        out["shape_shift"] = dict(zip(("observed", "null_mean", "p"), shape_shift(real, fake, out["total_rank"]["real"])))
+        share = {"real": planted_share(real, planted), "shuffled": planted_share(fake, planted)}
+        paired = [x - y for x, y in zip(share["real"], share["shuffled"])]
+        out["planted_share"] = {"real": statistics.fmean(share["real"]), "shuffled": statistics.fmean(share["shuffled"]),
+                                "modules": len(planted) / len(real[0]),
+                                "real_minus_shuffled": ci(paired)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", default="middle", choices=list(R.SCENARIOS))
@@ -80,10 +138,22 @@ def main() -> None:
     parser.add_argument("--gsv-lr", type=float, help="outer learning rate of moela's mechanics (default: its own)")
     parser.add_argument("--epochs", type=float, help="search passes of moela's mechanics (default: its own)")
     parser.add_argument("--no-published", action="store_true", help="skip the public code's mechanics")
+    parser.add_argument("--from", dest="source", metavar="RESULTS",
+                        help="recompute the statistics from the plans in a results file of this script (no search)")
     args = parser.parse_args()
+    if args.source:
+        saved = json.loads(Path(args.source).read_text())
+        planted = R.planted_paths(R.load_base(), saved["scenario"])
+        for label, row in saved.items():
+            if isinstance(row, dict) and "plans" in row:
+                plans = {(kind, s): p for kind in ("real", "shuffled") for s, p in zip(saved["seeds"], row["plans"][kind])}
+                row.update(summarise(plans, saved["seeds"], planted))
+                print(label, json.dumps({k: v for k, v in row.items() if k != "plans"}), flush=True)
+        Path(args.out).write_text(json.dumps(saved, indent=1))
+        return
     torch.set_num_threads(1)
     ids = R.texts(512, 48)
-    teacher, _ = R.make_teacher(args.scenario, 0.3)
+    teacher, planted = R.make_teacher(args.scenario, 0.3)
     targets = R.teacher_targets(teacher, ids)
     out = {}
     mechanics = dict(MECHANICS)
@@ -108,19 +178,7 @@ def main() -> None:
 
         out[label] = {"unmoved_experts": statistics.fmean(u["experts"] for u in unmoved),
                       "unmoved_ranks": statistics.fmean(u["ranks"] for u in unmoved),
-                      "total_rank": {kind: statistics.fmean(sum(plans[kind, s].values()) for s in args.seeds)
-                                     for kind in ("real", "shuffled")}}
-        common = statistics.fmean(sum(plans["real", s].values()) for s in args.seeds)
-        shape = functools.partial(shape_distance, total=common)
-        for key, measure in (("", distance), ("shape_", shape)):
-            seed_pairs = {(a, b): measure(plans["real", a], plans["real", b])
-                          for a, b in itertools.combinations(args.seeds, 2)}
-            label_pairs = {s: measure(plans["real", s], plans["shuffled", s]) for s in args.seeds}
-            out[label].update({f"{key}seed_vs_seed": list(seed_pairs.values()),
-                               f"{key}real_vs_shuffled": list(label_pairs.values()),
-                               f"{key}label_effect": label_effect(seed_pairs, label_pairs) if len(args.seeds) > 2
-                               else None})
-        out[label]["search_s"] = statistics.fmean(seconds)
+                      **summarise(plans, args.seeds, planted), "search_s": statistics.fmean(seconds)}
         out[label]["plans"] = {kind: [plans[kind, s] for s in args.seeds] for kind in ("real", "shuffled")}
         print(label, json.dumps({k: v for k, v in out[label].items() if k != "plans"}), flush=True)
     with open(args.out, "w") as fh:

@@ -392,8 +392,9 @@ def main(argv: list[str] | None = None) -> None:
                              "'all', reported as NAME/soft), only where the allocator takes gradients ('fit', "
                              "NAME/soft-fit) or only where it does not ('measure', NAME/soft-measure)")
     parser.add_argument("--teacher", action="store_true",
-                        help="the allocators probe inside moela.teacher_loss(model, teacher), the library's way to the "
-                             "same KL as --soft (NAME/teacher): the teacher runs on every probe batch")
+                        help="the allocators probe inside moela.teacher_loss(model, teacher), the library's way to "
+                             "--soft's KL (NAME/teacher): the teacher runs on every probe batch, and the last position, "
+                             "which has no label, is not scored")
     parser.add_argument("--length", type=int, default=48)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=16)

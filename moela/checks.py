@@ -217,6 +217,9 @@ def check_values(settings: Settings, *, allocation: bool = True, data: bool = Tr
     that the local data files the run reads exist."""
     if allocation:
         check_options(settings)
+        if settings.adapter.teacher and settings.adapter.plan:
+            raise ValueError("config keys 'adapter.teacher' and 'adapter.plan' are both set: with a given plan "
+                             "nothing is allocated, so there is nothing for a teacher to do")
         targets = settings.adapter.targets
         if isinstance(targets, str):
             if not targets.strip():
@@ -351,8 +354,9 @@ def preflight(settings: Settings, *, evaluate: bool = True, allocation: bool = T
 
 
 def check_teacher(settings: Settings, model: nn.Module) -> None:
-    """``adapter.teacher``: some method of the run is data-driven, and the teacher's config can be read and has
-    the model's vocabulary size (a label set that differs shows in the first probe batch)."""
+    """``adapter.teacher``: the run allocates with a data-driven method, and the teacher's
+    config can be read and has the model's vocabulary size (only the size: the tokenizers themselves are not
+    compared). A teacher without trained weights for the task is refused when it is loaded (``make_plan``)."""
     teacher = settings.adapter.teacher
     if not any(allocator(m).needs_data for m in settings.methods):
         raise ValueError(f"config key 'adapter.teacher' is set, but no method of this run "

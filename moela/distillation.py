@@ -2,8 +2,8 @@
 
 Every data-driven allocator measures or differentiates ``model(**batch).loss``. Where a teacher exists (a larger
 model being distilled, or the model whose behaviour the adapter must learn), its whole next-token distribution
-tells the allocator far more per token than one label does: on the recovery benchmark ``prune`` closes 0.49–0.82
-of the oracle gap with the teacher's distributions and 0.02–0.49 with one sampled label per token (BENCHMARKS.md).
+tells the allocator far more per token than one label does (BENCHMARKS.md, "Allocation recovery": the ``/soft``
+and ``/teacher`` rows against the sampled labels').
 
     with moela.teacher_loss(model, teacher):
         plan = moela.allocate("prune", model, data=examples, restarts=3)
@@ -20,24 +20,31 @@ from torch import nn
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor,
                   mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``KL(teacher ‖ student) = Σ_v p_t(v) (log p_t(v) − log p_s(v))`` over the last dimension, averaged over
-    the positions where ``mask`` is True (all of them without a mask). The student's log-softmax is taken in
-    float32 at least."""
+    """``KL(teacher ‖ student) = Σ_v p_t(v) (log p_t(v) − log p_s(v))`` over the last dimension (terms with
+    ``p_t(v) = 0`` count 0), averaged over the positions where ``mask`` is True (all of them without a mask; 0 when
+    there are none). The student's log-softmax is taken in float32 at least, on its device."""
     student = student_logits.to(torch.promote_types(student_logits.dtype, torch.float32)).log_softmax(-1)
-    teacher = teacher_logprobs.to(student.dtype)
-    kl = (teacher.exp() * (teacher - student)).sum(-1)
-    return kl.mean() if mask is None else kl[mask].mean()
+    teacher = teacher_logprobs.to(student.device, student.dtype)
+    kl = torch.where(teacher.isneginf(), 0.0, teacher.exp() * (teacher - student)).sum(-1)
+    if mask is not None:
+        kl = kl[mask]
+    return kl.sum() / max(kl.numel(), 1)
 
 
 @contextmanager
 def teacher_loss(model: nn.Module, teacher: nn.Module, shift: bool = True) -> Iterator[nn.Module]:
     """Within the block, ``model(**batch)`` returns as its ``loss`` the KL from ``teacher``'s distributions to
-    ``model``'s on the same inputs (:func:`kl_to_teacher`), over the positions its ``labels`` score: for 3-D
-    logits (tokens) the positions whose label is not -100, one to the right with ``shift`` (causal LMs, whose
-    label at t + 1 scores the logits at t), at the same position without it (masked LMs, token classification);
-    for 2-D logits (sequence classification) every example. Without ``labels``, every position. The teacher runs
-    in eval mode without gradients on the batch's inputs, labels removed; ``model`` gets its own forward back on
-    exit. Raises ValueError when the two models' logits differ in shape."""
+    ``model``'s on the same inputs (:func:`kl_to_teacher`), over the positions the batch scores: for 3-D logits
+    (tokens) those whose label is not -100, one to the right with ``shift`` (causal LMs, whose label at t + 1
+    scores the logits at t), at the same position without it (masked LMs, token classification), or without
+    ``labels`` those its ``attention_mask`` keeps (every one without a mask); for 2-D logits (sequence
+    classification) every example. The teacher runs in eval mode without gradients on the batch's inputs,
+    labels removed; ``model`` gets its own forward back on exit. ValueError: a teacher that shares parameters
+    with ``model`` (it would change as adapters are put into the model), logits of another shape, or one logit
+    (a regression head has no distribution)."""
+    own_ids = {id(p) for p in model.parameters()}
+    if teacher is model or any(id(p) in own_ids for p in teacher.parameters()):
+        raise ValueError("teacher_loss: the teacher shares parameters with the model; give a separate copy")
     own = model.__dict__.get("forward")
     forward = model.forward
     was_training = teacher.training
@@ -51,12 +58,16 @@ def teacher_loss(model: nn.Module, teacher: nn.Module, shift: bool = True) -> It
         if target.shape != logits.shape:
             raise ValueError(f"teacher_loss: the teacher's logits have shape {tuple(target.shape)}, the model's "
                              f"{tuple(logits.shape)}: the two models must share the vocabulary or label set")
-        mask = None
-        if labels is not None and logits.dim() == 3:
-            if shift:
-                logits, target, labels = logits[:, :-1], target[:, :-1], labels[:, 1:]
-            mask = labels.to(logits.device) != -100
-        out["loss"] = kl_to_teacher(logits, target.float().log_softmax(-1), mask)
+        if logits.shape[-1] == 1:
+            raise ValueError("teacher_loss: one logit per position (a regression head) has no distribution to match")
+        if logits.dim() == 3:
+            keep = labels if labels is not None else kwargs.get("attention_mask")
+            if keep is not None:
+                if labels is not None and shift:
+                    logits, target, keep = logits[:, :-1], target[:, :-1], keep[:, 1:]
+                mask = (keep != -100 if labels is not None else keep.bool()).to(logits.device)
+                logits, target = logits[mask], target[mask.to(target.device)]  # only the scored positions
+        out["loss"] = kl_to_teacher(logits, target.float().log_softmax(-1))
         return out
 
     teacher.eval()

@@ -135,8 +135,13 @@ def make_plan(settings: Settings, model: nn.Module, prepared: Prepared | None, m
     if not (adapter.teacher and allocator(method).needs_data):
         return allocate(method, model, targets=adapter.targets, budget=adapter.budget, data=data,
                         seed=settings.train.seed, **options)
-    teacher = load_model(adapter.teacher, prepared.task, num_labels=prepared.num_labels,
-                         dtype=settings.model.dtype)[0].to(next(model.parameters()).device)
+    teacher, untrained = load_model(adapter.teacher, prepared.task, num_labels=prepared.num_labels,
+                                    dtype=settings.model.dtype)
+    if untrained:
+        raise ValueError(f"adapter.teacher={adapter.teacher!r}: its checkpoint has no weights for "
+                         f"{', '.join(untrained[:3])}{' …' if len(untrained) > 3 else ''} (a teacher must be trained "
+                         f"for the run's task: a classifier needs its head)")
+    teacher.to(next(model.parameters()).device)
     with teacher_loss(model, teacher):
         return allocate(method, model, targets=adapter.targets, budget=adapter.budget, data=data,
                         seed=settings.train.seed, **options)

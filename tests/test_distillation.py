@@ -54,8 +54,11 @@ def test_the_loss_is_the_kl_over_the_positions_the_labels_score_and_the_forward_
         loss.backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
         assert all(p.grad is None for p in teacher.parameters())
-        unlabelled = student(**inputs).loss  # no labels: every position
-        torch.testing.assert_close(unlabelled, kl_to_teacher(logits, target.log_softmax(-1)))
+        unlabelled = student(**inputs).loss  # no labels: the positions the attention mask keeps
+        kept = inputs["attention_mask"].bool()
+        torch.testing.assert_close(unlabelled, kl_to_teacher(logits, target.log_softmax(-1), kept))
+        nothing = student(**inputs, labels=torch.full_like(labels, -100)).loss
+        assert nothing == 0 and nothing.requires_grad  # no scored position: 0, not NaN
     assert "forward" not in student.__dict__ and teacher.training
     ce = student(**inputs, labels=labels).loss
     assert not torch.allclose(ce, expected)  # the model's own loss again
@@ -122,12 +125,30 @@ def test_a_run_allocates_with_the_teacher_it_names(tmp_path, tiny_lm, monkeypatc
         return AllocationPlan.uniform(model, "all-linear", experts=1, rank=2, top_k=1)
 
     monkeypatch.setattr(pipeline, "allocate", recording)
-    for teacher in (None, str(tiny_lm)):  # the teacher: the base model itself, so its KL to the model is 0
-        config = lm_config(tmp_path, tiny_lm, adapter={"method": "sensitivity", "teacher": teacher, "options": {}})
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(tiny_lm)  # the base with a changed final norm
+    with torch.no_grad():
+        teacher.model.norm.weight.mul_(30.0)  # sharper next-token distributions than the base's
+    teacher.save_pretrained(tmp_path / "teacher")
+    for path in (None, str(tmp_path / "teacher")):
+        config = lm_config(tmp_path, tiny_lm, adapter={"method": "sensitivity", "teacher": path, "options": {}})
         ((plan, model),) = pipeline.plan_only(load_settings(config))
         assert "forward" not in model.__dict__  # the model's own forward once the plan is made
+    first = next(iter(pipeline.make_loader(pipeline.prepare(load_settings(config)).train_features[:256], 0,
+                                           batch_size=4, seed=0)))
+    with torch.no_grad():
+        logits = model(input_ids=first["input_ids"], attention_mask=first["attention_mask"]).logits
+        target = teacher(input_ids=first["input_ids"], attention_mask=first["attention_mask"]).logits
+    mask = first["labels"][:, 1:] != -100
+    expected = kl_to_teacher(logits[:, :-1], target[:, :-1].log_softmax(-1), mask)
     assert seen["sensitivity", "labels"] > 1.0  # cross-entropy of the labels
-    assert seen["sensitivity", "teacher"] == pytest.approx(0.0, abs=1e-6)
+    assert seen["sensitivity", "teacher"] == pytest.approx(float(expected), rel=1e-4) and expected > 1e-3
+
+    untrained = tmp_path / "untrained"  # a teacher whose checkpoint lacks weights the task needs
+    state = {k: v for k, v in teacher.state_dict().items() if "lm_head" not in k and "embed" not in k}
+    teacher.save_pretrained(untrained, state_dict=state)
+    config = lm_config(tmp_path, tiny_lm, adapter={"method": "sensitivity", "teacher": str(untrained), "options": {}})
+    with pytest.raises(ValueError, match="has no weights for"):
+        pipeline.plan_only(load_settings(config))
 
 
 def test_a_teacher_is_checked_before_any_work(tmp_path, tiny_lm):
@@ -137,6 +158,9 @@ def test_a_teacher_is_checked_before_any_work(tmp_path, tiny_lm):
         return load_settings(lm_config(tmp_path, tiny_lm, adapter={"method": method, "teacher": teacher,
                                                                    "options": {}}))
 
+    with pytest.raises(ValueError, match="'adapter.teacher' and 'adapter.plan' are both set"):
+        preflight(load_settings(lm_config(tmp_path, tiny_lm, adapter={
+            "method": "prune", "teacher": str(tiny_lm), "plan": str(tmp_path / "plan.json"), "options": {}})))
     with pytest.raises(ValueError, match=r"'adapter.teacher' is set, but no method of this run \(uniform\)"):
         preflight(settings("uniform", str(tiny_lm)))
     with pytest.raises(ValueError, match="adapter.teacher='./no-such-teacher': cannot read its config"):
@@ -159,3 +183,26 @@ def test_bf16_models_give_a_float32_loss_close_to_float32_models():
     assert low.dtype == torch.float32 and torch.isfinite(low)
     assert exact > 1e-3  # the two models differ: a loss that bf16 rounding could hide is no test
     torch.testing.assert_close(low, exact, rtol=0.02, atol=1e-4)
+
+
+def test_the_teacher_runs_without_dropout_and_must_be_a_separate_model():
+    student, teacher = tiny_model("gpt2", seed=0), tiny_model("gpt2", seed=1).train()  # GPT-2 has dropout
+    inputs = batch()
+    with moela.teacher_loss(student, teacher):
+        first, second = student(**inputs).loss, student(**inputs).loss
+    assert first > 0 and torch.equal(first, second)  # the teacher in eval mode: the same targets each time
+    assert teacher.training  # and its mode back afterwards
+    for same in (student, copy.copy(student)):  # itself, or a shallow copy sharing its parameters
+        with pytest.raises(ValueError, match="shares parameters"), moela.teacher_loss(student, same):
+            pass
+
+
+def test_kl_counts_impossible_teacher_tokens_as_zero_and_refuses_a_regression_head():
+    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    teacher = torch.tensor([[0.0, float("-inf"), float("-inf")]])  # all mass on token 0
+    torch.testing.assert_close(kl_to_teacher(logits, teacher), -logits.log_softmax(-1)[0, 0])
+    student, regression = tiny_model("bert"), tiny_model("bert", seed=1)
+    student.classifier = torch.nn.Linear(32, 1)
+    regression.classifier = torch.nn.Linear(32, 1)
+    with moela.teacher_loss(student, regression), pytest.raises(ValueError, match="regression head"):
+        student(**batch())

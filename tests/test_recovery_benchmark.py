@@ -69,7 +69,7 @@ def test_split_soft_probe_gives_the_kl_only_where_gradients_are_on_or_off(recove
     torch.testing.assert_close(fitted.detach(), kl if where == "fit" else sampled)
 
 
-def test_tiny_run_labels_rows_by_probe(recovery, tmp_path, capsys):
+def test_tiny_run_labels_rows_by_probe(recovery, tmp_path, capsys, monkeypatch):
     out = tmp_path / "recovery.json"
     argv = ["--scenarios", "deep", "--methods", "uniform", "prune", "--seeds", "0", "--steps", "2", "--train", "16",
             "--val", "8", "--probe", "8", "--length", "12", "--soft", "--no-write", "--out", str(out)]
@@ -82,9 +82,17 @@ def test_tiny_run_labels_rows_by_probe(recovery, tmp_path, capsys):
         recovery.main([*argv, "--samples", "2"])  # --soft replaces the sampled labels
     with pytest.raises(SystemExit):
         recovery.main([*argv, "--teacher"])  # two ways to the same probe loss
-    teacher = [a for a in argv if a != "--soft"] + ["--teacher", "--methods", "prune"]
-    recovery.main(teacher)
+    entered = []
+
+    def recording(model, teacher, **kwargs):
+        entered.append(teacher)
+        return real(model, teacher, **kwargs)
+
+    real = recovery.moela.teacher_loss
+    monkeypatch.setattr(recovery.moela, "teacher_loss", recording)
+    recovery.main([a for a in argv if a != "--soft"] + ["--teacher", "--methods", "prune"])
     assert [r["method"] for r in json.loads(out.read_text())][-1] == "prune/teacher@8"
+    assert len(entered) == 1 and entered[0] is not None  # the allocator probed inside teacher_loss
 
 
 def test_gap_closure_compares_a_method_with_uniform_and_the_oracle_on_the_same_seeds(monkeypatch):
@@ -124,3 +132,17 @@ def test_shape_distance_ignores_a_plan_wide_scale_that_distance_counts(monkeypat
     moved = {"q": 6, "k": 4, "v": 2}  # same total, mass moved from v to q
     assert guilomo_control.shape_distance(a, moved, total=12) == pytest.approx(guilomo_control.distance(a, moved))
     assert guilomo_control.shape_distance(a, moved, total=24) == pytest.approx(2 * 8 / 3)  # in ranks at that total
+
+
+def test_shape_shift_finds_a_shift_that_every_seed_shares_and_no_shift_in_noise(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import guilomo_control
+
+    g = torch.Generator().manual_seed(0)
+    noise = [{"q": int(r[0]), "k": int(r[1]), "v": int(r[2])} for r in torch.randint(2, 9, (24, 3), generator=g)]
+    real = noise[:12]
+    same = guilomo_control.shape_shift(real, noise[12:], total=15, resamples=400)
+    moved = guilomo_control.shape_shift(real, [{**p, "q": p["q"] + 6} for p in real], total=15, resamples=400)
+    assert same[2] > 0.05  # two draws of the same noise: no resolved shift
+    assert moved[2] < 0.01 and moved[0] > moved[1]  # rank moved to q under one kind of label on every seed
+    assert guilomo_control.planted_share([{"q": 2, "k": 6}], {"q": 8}) == [0.25]
