@@ -147,6 +147,7 @@ def sampled_examples(ids: torch.Tensor, teacher_logp: torch.Tensor, seed: int, s
 
 SOFT = ("all", "fit", "measure")
 SOFT_LABEL = {None: "", "all": "/soft", "fit": "/soft-fit", "measure": "/soft-measure"}
+TEACHER_LABEL = {None: "", "inputs": "/teacher", "labels": "/teacher-labels"}
 
 
 def soft_probe(model: torch.nn.Module, examples: list[dict], teacher_logp: torch.Tensor, where: str = "all"
@@ -262,13 +263,14 @@ def run(args: argparse.Namespace) -> list[dict]:
             data = sampled_examples(ids[:args.probe], targets[:args.probe], seed, args.samples)
             for method in args.methods:
                 label = (method + (f"×{args.samples}" if args.samples > 1 else "") + SOFT_LABEL[args.soft]
-                         + ("/teacher" if args.teacher else "") + (f"@{args.probe}" if args.probe != PROBE else ""))
+                         + TEACHER_LABEL[args.teacher] + (f"@{args.probe}" if args.probe != PROBE else ""))
                 if (scenario, label, seed) in done:
                     continue
                 try:
                     model = load_base()
                     probe = soft_probe(model, data, targets[:args.probe], args.soft) if args.soft else data
-                    with moela.teacher_loss(model, teacher) if args.teacher else contextlib.nullcontext():
+                    with (moela.teacher_loss(model, teacher, positions=args.teacher) if args.teacher
+                          else contextlib.nullcontext()):
                         plan, seconds = plan_for(method, model, planted, probe, seed, budget)
                 except ValueError as err:  # e.g. a read-out whose smallest plan costs more than the budget
                     rows.append({"scenario": scenario, "method": label, "seed": seed, "error": str(err)})
@@ -391,10 +393,11 @@ def main(argv: list[str] | None = None) -> None:
                              "train on) instead of the sampled labels' cross-entropy: in every forward (no value or "
                              "'all', reported as NAME/soft), only where the allocator takes gradients ('fit', "
                              "NAME/soft-fit) or only where it does not ('measure', NAME/soft-measure)")
-    parser.add_argument("--teacher", action="store_true",
-                        help="the allocators probe inside moela.teacher_loss(model, teacher), the library's way to "
-                             "--soft's KL (NAME/teacher): the teacher runs on every probe batch, and the last position, "
-                             "which has no label, is not scored")
+    parser.add_argument("--teacher", nargs="?", const="inputs", choices=("inputs", "labels"),
+                        help="the allocators probe inside moela.teacher_loss(model, teacher, positions=…), the "
+                             "library's way to --soft's KL, the teacher run on every probe batch: every position "
+                             "(no value or 'inputs', NAME/teacher, as --soft and the students) or those with a "
+                             "label, which leaves out the last one ('labels', NAME/teacher-labels)")
     parser.add_argument("--length", type=int, default=48)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=16)

@@ -32,16 +32,20 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor,
 
 
 @contextmanager
-def teacher_loss(model: nn.Module, teacher: nn.Module, shift: bool = True) -> Iterator[nn.Module]:
+def teacher_loss(model: nn.Module, teacher: nn.Module, shift: bool = True, positions: str = "labels"
+                 ) -> Iterator[nn.Module]:
     """Within the block, ``model(**batch)`` returns as its ``loss`` the KL from ``teacher``'s distributions to
     ``model``'s on the same inputs (:func:`kl_to_teacher`), over the positions the batch scores: for 3-D logits
-    (tokens) those whose label is not -100, one to the right with ``shift`` (causal LMs, whose label at t + 1
-    scores the logits at t), at the same position without it (masked LMs, token classification), or without
-    ``labels`` those its ``attention_mask`` keeps (every one without a mask); for 2-D logits (sequence
-    classification) every example. The teacher runs in eval mode without gradients on the batch's inputs,
+    (tokens), with ``positions="labels"``, those whose label is not -100, one to the right with ``shift`` (causal
+    LMs, whose label at t + 1 scores the logits at t), at the same position without it (masked LMs, token
+    classification); with ``"inputs"``, or without ``labels``, every position the ``attention_mask`` keeps (all
+    without a mask: prompts and the last token too, whose next-token distributions the teacher also has); for
+    2-D logits (sequence classification) every example. The teacher runs in eval mode without gradients on the batch's inputs,
     labels removed; ``model`` gets its own forward back on exit. ValueError: a teacher that shares parameters
     with ``model`` (it would change as adapters are put into the model), logits of another shape, or one logit
     (a regression head has no distribution)."""
+    if positions not in ("labels", "inputs"):
+        raise ValueError(f"teacher_loss positions must be 'labels' or 'inputs', got {positions!r}")
     own_ids = {id(p) for p in model.parameters()}
     if teacher is model or any(id(p) in own_ids for p in teacher.parameters()):
         raise ValueError("teacher_loss: the teacher shares parameters with the model; give a separate copy")
@@ -51,6 +55,8 @@ def teacher_loss(model: nn.Module, teacher: nn.Module, shift: bool = True) -> It
 
     def distilled(*args, **kwargs):
         labels = kwargs.pop("labels", None)
+        if positions == "inputs":
+            labels = None
         out = forward(*args, **kwargs)
         with torch.no_grad():
             target = teacher(*args, **kwargs).logits

@@ -59,6 +59,10 @@ def test_the_loss_is_the_kl_over_the_positions_the_labels_score_and_the_forward_
         torch.testing.assert_close(unlabelled, kl_to_teacher(logits, target.log_softmax(-1), kept))
         nothing = student(**inputs, labels=torch.full_like(labels, -100)).loss
         assert nothing == 0 and nothing.requires_grad  # no scored position: 0, not NaN
+    with moela.teacher_loss(student, teacher, positions="inputs"):  # labels ignored: the kept positions
+        torch.testing.assert_close(student(**inputs, labels=labels).loss, unlabelled)
+    with pytest.raises(ValueError, match="positions"), moela.teacher_loss(student, teacher, positions="tokens"):
+        pass
     assert "forward" not in student.__dict__ and teacher.training
     ce = student(**inputs, labels=labels).loss
     assert not torch.allclose(ce, expected)  # the model's own loss again
