@@ -32,15 +32,15 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor,
 
 
 @contextmanager
-def teacher_loss(model: nn.Module, teacher: nn.Module, shift: bool = True, positions: str = "labels"
+def teacher_loss(model: nn.Module, teacher: nn.Module, shift: bool = True, positions: str = "inputs"
                  ) -> Iterator[nn.Module]:
     """Within the block, ``model(**batch)`` returns as its ``loss`` the KL from ``teacher``'s distributions to
     ``model``'s on the same inputs (:func:`kl_to_teacher`), over the positions the batch scores: for 3-D logits
-    (tokens), with ``positions="labels"``, those whose label is not -100, one to the right with ``shift`` (causal
-    LMs, whose label at t + 1 scores the logits at t), at the same position without it (masked LMs, token
-    classification); with ``"inputs"``, or without ``labels``, every position the ``attention_mask`` keeps (all
-    without a mask: prompts and the last token too, whose next-token distributions the teacher also has); for
-    2-D logits (sequence classification) every example. The teacher runs in eval mode without gradients on the batch's inputs,
+    (tokens), with ``positions="inputs"`` (or without ``labels``) every position the ``attention_mask`` keeps
+    (all without a mask: prompts and the last token too, whose next-token distributions the teacher also has);
+    with ``"labels"`` only those whose label is not -100, one to the right with ``shift`` (causal LMs, whose
+    label at t + 1 scores the logits at t), at the same position without it (masked LMs, token classification);
+    for 2-D logits (sequence classification) every example. The teacher runs in eval mode without gradients on the batch's inputs,
     labels removed; ``model`` gets its own forward back on exit. ValueError: a teacher that shares parameters
     with ``model`` (it would change as adapters are put into the model), logits of another shape, or one logit
     (a regression head has no distribution)."""

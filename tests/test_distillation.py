@@ -33,7 +33,7 @@ def planted_pair(seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     return student, teacher
 
 
-def test_the_loss_is_the_kl_over_the_positions_the_labels_score_and_the_forward_comes_back():
+def test_the_loss_is_the_kl_over_the_scored_positions_and_the_forward_comes_back():
     student, teacher = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
     inputs = batch(size=3, length=9)
     labels = inputs["input_ids"].clone()
@@ -47,7 +47,7 @@ def test_the_loss_is_the_kl_over_the_positions_the_labels_score_and_the_forward_
     torch.testing.assert_close(expected, manual[mask].mean())
 
     teacher.train()
-    with moela.teacher_loss(student, teacher) as model:
+    with moela.teacher_loss(student, teacher, positions="labels") as model:
         assert model is student
         loss = student(**inputs, labels=labels).loss
         torch.testing.assert_close(loss, expected)
@@ -59,7 +59,7 @@ def test_the_loss_is_the_kl_over_the_positions_the_labels_score_and_the_forward_
         torch.testing.assert_close(unlabelled, kl_to_teacher(logits, target.log_softmax(-1), kept))
         nothing = student(**inputs, labels=torch.full_like(labels, -100)).loss
         assert nothing == 0 and nothing.requires_grad  # no scored position: 0, not NaN
-    with moela.teacher_loss(student, teacher, positions="inputs"):  # labels ignored: the kept positions
+    with moela.teacher_loss(student, teacher):  # the default, positions="inputs": labels ignored
         torch.testing.assert_close(student(**inputs, labels=labels).loss, unlabelled)
     with pytest.raises(ValueError, match="positions"), moela.teacher_loss(student, teacher, positions="tokens"):
         pass
@@ -85,7 +85,7 @@ def test_sequence_classification_and_unshifted_tokens():
     labels[:, 3] = 5  # score position 3 only
     with torch.no_grad():
         logits, target = lm(**inputs).logits, lm_teacher(**inputs).logits
-    with moela.teacher_loss(lm, lm_teacher, shift=False):
+    with moela.teacher_loss(lm, lm_teacher, shift=False, positions="labels"):
         loss = lm(**inputs, labels=labels).loss
     torch.testing.assert_close(loss, kl_to_teacher(logits[:, 3], target[:, 3].log_softmax(-1)))
 
@@ -142,8 +142,7 @@ def test_a_run_allocates_with_the_teacher_it_names(tmp_path, tiny_lm, monkeypatc
     with torch.no_grad():
         logits = model(input_ids=first["input_ids"], attention_mask=first["attention_mask"]).logits
         target = teacher(input_ids=first["input_ids"], attention_mask=first["attention_mask"]).logits
-    mask = first["labels"][:, 1:] != -100
-    expected = kl_to_teacher(logits[:, :-1], target[:, :-1].log_softmax(-1), mask)
+    expected = kl_to_teacher(logits, target.log_softmax(-1), first["attention_mask"].bool())  # every input position
     assert seen["sensitivity", "labels"] > 1.0  # cross-entropy of the labels
     assert seen["sensitivity", "teacher"] == pytest.approx(float(expected), rel=1e-4) and expected > 1e-3
 
