@@ -121,12 +121,13 @@ def summarise(plans: dict[tuple[str, int], dict[str, int]], seeds: list[int], pl
                     f"{key}real_vs_shuffled": list(label_pairs.values()),
                     f"{key}label_effect": label_effect(seed_pairs, label_pairs) if len(seeds) > 2 else None})
     if len(seeds) > 2:
-        out["shape_shift"] = dict(zip(("observed", "null_mean", "p"), shape_shift(real, fake, out["total_rank"]["real"])))
+        shift = shape_shift(real, fake, out["total_rank"]["real"])
+        out["shape_shift"] = dict(zip(("observed", "null_mean", "p"), shift))
         share = {"real": planted_share(real, planted), "shuffled": planted_share(fake, planted)}
         paired = [x - y for x, y in zip(share["real"], share["shuffled"])]
-        out["planted_share"] = {"real": statistics.fmean(share["real"]), "shuffled": statistics.fmean(share["shuffled"]),
-                                "modules": len(planted) / len(real[0]),
-                                "real_minus_shuffled": ci(paired)}
+        out["planted_share"] = {"real": statistics.fmean(share["real"]),
+                                "shuffled": statistics.fmean(share["shuffled"]),
+                                "modules": len(planted) / len(real[0]), "real_minus_shuffled": ci(paired)}
     return out
 
 
@@ -146,7 +147,8 @@ def main() -> None:
         planted = R.planted_paths(R.load_base(), saved["scenario"])
         for label, row in saved.items():
             if isinstance(row, dict) and "plans" in row:
-                plans = {(kind, s): p for kind in ("real", "shuffled") for s, p in zip(saved["seeds"], row["plans"][kind])}
+                plans = {(kind, s): p for kind in ("real", "shuffled")
+                         for s, p in zip(saved["seeds"], row["plans"][kind])}
                 row.update(summarise(plans, saved["seeds"], planted))
                 print(label, json.dumps({k: v for k, v in row.items() if k != "plans"}), flush=True)
         Path(args.out).write_text(json.dumps(saved, indent=1))

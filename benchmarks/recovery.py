@@ -155,7 +155,7 @@ def soft_probe(model: torch.nn.Module, examples: list[dict], teacher_logp: torch
     """``examples`` (one per text, in the order of ``teacher_logp``) with a ``row`` index, and ``model``'s forward
     replaced, on this instance, by one whose ``loss`` is ``kl`` to the teacher's distributions at those rows:
     the allocators see the students' objective instead of sampled labels (``moela.teacher_loss`` with the teacher's
-    distributions computed once; it scores every position, also the last one, which has no label). ``where``: ``"all"`` every forward;
+    distributions computed once, every position scored). ``where``: ``"all"`` every forward;
     ``"fit"`` only forwards with gradients on (what an allocator trains or differentiates; the losses it only
     measures, under ``no_grad``, stay the sampled labels' cross-entropy); ``"measure"`` the other way round."""
     if where not in SOFT:

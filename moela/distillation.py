@@ -40,10 +40,10 @@ def teacher_loss(model: nn.Module, teacher: nn.Module, shift: bool = True, posit
     (all without a mask: prompts and the last token too, whose next-token distributions the teacher also has);
     with ``"labels"`` only those whose label is not -100, one to the right with ``shift`` (causal LMs, whose
     label at t + 1 scores the logits at t), at the same position without it (masked LMs, token classification);
-    for 2-D logits (sequence classification) every example. The teacher runs in eval mode without gradients on the batch's inputs,
-    labels removed; ``model`` gets its own forward back on exit. ValueError: a teacher that shares parameters
-    with ``model`` (it would change as adapters are put into the model), logits of another shape, or one logit
-    (a regression head has no distribution)."""
+    for 2-D logits (sequence classification) every example. The teacher runs in eval mode without gradients on
+    the batch's inputs, labels removed; ``model`` gets its own forward back on exit. ValueError: a teacher that
+    shares parameters with ``model`` (it would change as adapters are put into the model), logits of another
+    shape, or one logit (a regression head has no distribution)."""
     if positions not in ("labels", "inputs"):
         raise ValueError(f"teacher_loss positions must be 'labels' or 'inputs', got {positions!r}")
     own_ids = {id(p) for p in model.parameters()}
