@@ -38,6 +38,7 @@ import torch
 import recovery as R
 from intervals import ci
 from moela.allocators import allocate
+from moela.io import atomic_write_text
 
 MECHANICS = {"moela defaults": {}, "published": R.VARIANTS["guilomo-published"][1]}
 
@@ -151,7 +152,7 @@ def main() -> None:
                          for s, p in zip(saved["seeds"], row["plans"][kind])}
                 row.update(summarise(plans, saved["seeds"], planted))
                 print(label, json.dumps({k: v for k, v in row.items() if k != "plans"}), flush=True)
-        Path(args.out).write_text(json.dumps(saved, indent=1))
+        atomic_write_text(Path(args.out), json.dumps(saved, indent=1))  # --out may be the file read
         return
     torch.set_num_threads(1)
     ids = R.texts(512, 48)
@@ -183,8 +184,7 @@ def main() -> None:
                       **summarise(plans, args.seeds, planted), "search_s": statistics.fmean(seconds)}
         out[label]["plans"] = {kind: [plans[kind, s] for s in args.seeds] for kind in ("real", "shuffled")}
         print(label, json.dumps({k: v for k, v in out[label].items() if k != "plans"}), flush=True)
-    with open(args.out, "w") as fh:
-        json.dump({"scenario": args.scenario, "seeds": args.seeds, **out}, fh, indent=1)
+    atomic_write_text(Path(args.out), json.dumps({"scenario": args.scenario, "seeds": args.seeds, **out}, indent=1))
 
 
 if __name__ == "__main__":

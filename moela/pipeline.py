@@ -8,6 +8,7 @@ process that fails marks the folder ``FAILED``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -131,20 +132,18 @@ def make_plan(settings: Settings, model: nn.Module, prepared: Prepared | None, m
                            seed=settings.train.seed)
     elif allocator(method).needs_data:
         raise ValueError(f"allocator {method!r} is data-driven: it needs data.train")
-    options = options_for(method, adapter.options or {}, settings.methods)
-    if not (adapter.teacher and allocator(method).needs_data):
+    probe = contextlib.nullcontext()
+    if adapter.teacher and allocator(method).needs_data:
+        teacher, untrained = load_model(adapter.teacher, prepared.task, num_labels=prepared.num_labels,
+                                        dtype=settings.model.dtype)
+        if untrained:
+            raise ValueError(f"adapter.teacher={adapter.teacher!r}: its checkpoint has no weights for "
+                             f"{', '.join(untrained[:3])}{' …' if len(untrained) > 3 else ''} (a teacher must be "
+                             f"trained for the run's task: a classifier needs its head)")
+        probe = teacher_loss(model, teacher.to(next(model.parameters()).device))
+    with probe:
         return allocate(method, model, targets=adapter.targets, budget=adapter.budget, data=data,
-                        seed=settings.train.seed, **options)
-    teacher, untrained = load_model(adapter.teacher, prepared.task, num_labels=prepared.num_labels,
-                                    dtype=settings.model.dtype)
-    if untrained:
-        raise ValueError(f"adapter.teacher={adapter.teacher!r}: its checkpoint has no weights for "
-                         f"{', '.join(untrained[:3])}{' …' if len(untrained) > 3 else ''} (a teacher must be trained "
-                         f"for the run's task: a classifier needs its head)")
-    teacher.to(next(model.parameters()).device)
-    with teacher_loss(model, teacher):
-        return allocate(method, model, targets=adapter.targets, budget=adapter.budget, data=data,
-                        seed=settings.train.seed, **options)
+                        seed=settings.train.seed, **options_for(method, adapter.options or {}, settings.methods))
 
 
 def check_methods(settings: Settings, evaluate: bool = True, data: bool = True,
