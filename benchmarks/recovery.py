@@ -63,6 +63,8 @@ OPTIONS = {"mola": {"rank": 1}, "alphalora": {"rank": 1}, "sensitivity": {"rank"
 # GuiLoMo with the public code's mechanics (moela's defaults changed them; see moela/allocators/guilomo.py)
 VARIANTS = {"guilomo-published": ("guilomo", dict(estimator="selected", init_scale=1.0, gsv_lr=3e-3, b_std=0.02,
                                                   expert_mask="logits", rank_leak=1e-4, settle=None)),
+            # the search held to the budget (a price on parameters, row-wise Adam; 3 epochs), modules may be off
+            "guilomo-budget": ("guilomo", dict(budget_search=True, min_experts=0, epochs=3)),
             "prune-importance": ("prune", dict(ranks="importance")),  # survivors' ranks ∝ their importance
             "prune-restarts": ("prune", dict(restarts=3))}  # the survivors of three searches most often kept
 BUDGET = "uniform:E=1,r=2"
@@ -200,7 +202,7 @@ def plan_for(method: str, model: torch.nn.Module, planted: dict[str, int], data:
             if "examples" in moela.allocator(name).options:  # every probe example (several draws per text)
                 options = {**options, "examples": len(data)}
             plan = allocate(name, model, targets="all-linear", budget=budget, data=data, seed=seed,
-                            **OPTIONS.get(name, {}), **options)
+                            **{**OPTIONS.get(name, {}), **options})
     return plan, time.perf_counter() - start
 
 
@@ -342,7 +344,38 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
             lines.append(f"| {m} | {fmt(loss, half, '.4f')} ({len(trained)}) | {fmt(d, dh, '+.4f')} | {share:.2f} | "
                          f"{rho:+.2f} | {'' if math.isnan(closure) else f'{closure:+.2f}'} | {alloc:.1f} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + following(get, methods, seeds))
+
+
+def rank_share(ranks: dict[str, list[int]], scenario: str) -> float:
+    """Share of a plan's total rank (``{module path: ranks}``) on the maps planted in ``scenario``."""
+    planted = SCENARIOS[scenario]
+    total = {n: sum(r) for n, r in ranks.items()}
+    return sum(t for n, t in total.items() if (layer_index(n), n.rsplit(".", 1)[-1]) in planted) / sum(total.values())
+
+
+def following(get: dict, methods: list[str], seeds: list[int]) -> list[str]:
+    """Does a plan follow its data? Per seed, the rank share on scenario S's planted maps of S's own plan minus its
+    mean over the other scenarios' plans, averaged over S: 0 for a plan that ignores the data (the model and the
+    texts are the same in every scenario, only the teacher differs). Mean and 95% t-interval over the seeds on
+    which a method planned every scenario."""
+    rows = []
+    for m in methods:
+        per_seed = []
+        for seed in seeds:
+            plans = {s: get[s, m, seed]["ranks"] for s in SCENARIOS if (s, m, seed) in get}
+            if len(plans) == len(SCENARIOS):
+                per_seed.append(statistics.fmean(
+                    rank_share(plans[s], s) - statistics.fmean(rank_share(plans[t], s) for t in plans if t != s)
+                    for s in plans))
+        if per_seed:
+            rows.append(f"| {m} | {fmt(*ci(per_seed), '+.3f')} ({len(per_seed)}) |")
+    if not rows:
+        return []
+    return ["**Does the plan follow the data?** Rank share on a scenario's planted maps under its own plan minus "
+            "under the other scenarios' plans (same seed), averaged over the scenarios; mean ± 95% CI over seeds "
+            "(seeds with a plan in every scenario).", "", "| method | own − others' rank share |", "|---|---|",
+            *rows, ""]
 
 
 def gap_closure(get: dict, scenario: str, method: str, seeds: list[int]) -> float:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from moela.allocators import allocate
-from moela.allocators.guilomo import GSVLinear, PrefixSelect, hypergradient
+from moela.allocators.guilomo import RANK_OFF, GSVLinear, PrefixSelect, RowAdam, hypergradient
 
 from tests.helpers import examples, tiny_model, toy_task
 
@@ -150,3 +150,59 @@ def test_search_stops_early_once_the_selections_stop_moving():
     plan = allocate("guilomo", model, data=examples(24), batch_size=4, epochs=50, max_steps=50, gsv_lr=0.0,
                     check_every=2, patience=2)
     assert plan.meta["cost"]["steps"] == 6  # checks at steps 2 (first), 4 and 6 (unchanged twice)
+
+
+def test_row_adam_moves_entries_in_proportion_to_their_gradients():
+    """Per-entry Adam steps every entry of constant sign by about lr, so a GSV's order never changes; RowAdam
+    shares the scale over a row, so the entries move in proportion to their gradients."""
+    grad = torch.tensor([[1.0, 2.0, 3.0], [-1.0, -1.0, -4.0]])
+    moved = {}
+    for name, make in (("row", lambda p: RowAdam([p], lr=0.01)), ("adam", lambda p: torch.optim.Adam([p], lr=0.01))):
+        p = torch.zeros(2, 3, requires_grad=True)
+        optimizer = make(p)
+        for _ in range(5):
+            p.grad = grad.clone()
+            optimizer.step()
+        moved[name] = p.detach()
+    assert (moved["row"] / moved["row"][:, :1]).flatten().tolist() == pytest.approx([1, 2, 3, 1, 1, 4], rel=1e-5)
+    assert moved["adam"].abs().flatten().tolist() == pytest.approx([0.05] * 6, rel=1e-3)
+
+
+def test_soft_cost_is_the_cost_of_the_selection():
+    layer = GSVLinear(nn.Linear(8, 6), experts=4, rank=4, min_experts=1)
+    with torch.no_grad():
+        layer.expert_gsv.copy_(torch.tensor([0.0, 0.0, 1.0, 0.0]))  # 3 experts
+        layer.rank_gsv.copy_(torch.eye(4)[[1, 3, 0, 2]])  # ranks 2, 4, 1 (and 3 for the masked expert)
+    expected = 3 * 8 + (8 + 6) * (2 + 4 + 1)  # a router row per expert and the rank columns
+    off = (8 + 6) * RANK_OFF * (2 + 0 + 3)  # the rows beyond each prefix, scaled by RANK_OFF
+    assert float(layer.soft_cost()) == pytest.approx(expected + off, rel=1e-6)
+    assert layer.selection() == (3, [2, 4, 1])
+
+
+def test_min_experts_zero_reads_out_no_expert_and_keeps_the_switch_on_signal():
+    layer = GSVLinear(nn.Linear(8, 8), experts=3, rank=2, min_experts=0, dense=True)
+    assert layer.expert_gsv.shape == (4,) and layer.readout()[0] >= 1  # entry 0 ("none") starts lowest
+    with torch.no_grad():
+        layer.expert_gsv.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+        layer.lora_B.weight.normal_(0, 0.5)
+    assert layer.selection() == (0, [])
+    expert, _ = layer.masks()
+    assert expert.tolist() == pytest.approx([RANK_OFF, 0, 0])
+    x = torch.randn(16, 8)
+    out = layer(x)
+    assert torch.allclose(out, layer.base_layer(x), atol=1e-3)
+    (out - layer.base_layer(x).detach() - x).pow(2).sum().backward()
+    assert layer.expert_gsv.grad[1] != 0  # would switching expert 0 on help? The loss still says
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_budget_search_spends_the_budget_where_it_is_needed(seed):
+    """Under a budget of 8 rank units over two modules, the search held to the budget keeps only the module
+    that needs a rank-6 change; the unconstrained search scaled to the budget gives the idle one a share."""
+    model, data = toy_task(seed)
+    common = dict(data=data, epochs=20, max_steps=400, patience=100, lr=1e-2, seed=seed, budget="uniform:E=1,r=4")
+    plan = allocate("guilomo", model, budget_search=True, min_experts=0, **common)
+    assert list(plan.modules) == ["layers.0.proj"] and sum(plan["layers.0.proj"].ranks) >= 6
+    assert plan.meta["budget_search"]["readout_cost"] <= 1.0 and plan.meta["options"]["budget_search"] is True
+    unconstrained = allocate("guilomo", model, min_experts=1, **common)
+    assert "layers.1.proj" in unconstrained.modules and "budget_search" not in unconstrained.meta

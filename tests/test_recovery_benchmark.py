@@ -107,6 +107,29 @@ def test_gap_closure_compares_a_method_with_uniform_and_the_oracle_on_the_same_s
     assert math.isnan(recovery.gap_closure(get, "s", "x", [2]))
 
 
+def test_following_is_zero_for_a_plan_that_ignores_the_data_and_positive_for_one_that_follows_it(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import recovery
+
+    maps = [f"model.layers.{b}.{part}.{t}" for b in range(5) for part, types in
+            (("self_attn", recovery.ATTN), ("mlp", recovery.MLP)) for t in types]
+    planted = {s: {n for n in maps if (int(n.split(".")[2]), n.rsplit(".", 1)[-1]) in recovery.SCENARIOS[s]}
+               for s in recovery.SCENARIOS}
+    flat = {n: [2] for n in maps}
+    get = {}
+    for seed in (0, 1, 2):
+        for s in recovery.SCENARIOS:
+            get[s, "uniform", seed] = {"ranks": flat}
+            get[s, "follows", seed] = {"ranks": {n: [8 if n in planted[s] else 1 + seed % 2] for n in maps}}
+            if seed < 2:  # planned on seeds 0 and 1 only: seed 2 is left out
+                get[s, "partial", seed] = {"ranks": flat}
+    assert recovery.rank_share({n: [8 if n in planted["deep"] else 0] for n in maps}, "deep") == 1.0
+    table = "\n".join(recovery.following(get, ["uniform", "follows", "partial"], [0, 1, 2]))
+    assert "| uniform | +0.000 ± 0.0000 (3) |" in table and "| partial | +0.000 ± 0.0000 (2) |" in table
+    value = float(table.split("| follows | ")[1].split(" ")[0])
+    assert 0.3 < value < 1
+
+
 def test_label_effect_compares_real_vs_shuffled_with_seed_vs_seed_distances(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import guilomo_control

@@ -10,7 +10,9 @@ entry gets a gradient and the start values differ by more than a short search mo
 mostly the seed-drawn start (measured: BENCHMARKS.md). moela's defaults therefore start the GSVs nearly flat
 (``init_scale=0.01``), give *every* entry ``k`` the gradient it would get if it were selected (``"dense"``),
 and stop early only once the GSVs have settled. ``plan.meta["unmoved"]`` records the share of read-outs that
-equal their start, and a warning is issued when more than half do.
+equal their start, and a warning is issued when more than half do. ``budget_search=True`` prices the
+selection's parameters during the search, so that under a budget capacity moves to the modules whose
+validation loss gains most (BENCHMARKS.md, allocation recovery).
 """
 
 from __future__ import annotations
@@ -74,14 +76,19 @@ class GSVLinear(LoraMoELinear):
     def __init__(self, base: nn.Module, experts: int = 8, rank: int = 8, top_k: int = 2, alpha: float = 16.0,
                  min_experts: int = 2, init_scale: float = 1.0, b_std: float = 0.0, expert_mask: str = "gate",
                  dense: bool = False, rank_leak: float = RANK_OFF):
-        if experts < 2 or not 1 <= min_experts <= experts:
-            raise ValueError(f"guilomo needs experts >= 2 and 1 <= min_experts <= experts, got {experts}, {min_experts}")
+        if experts < 2 or not 0 <= min_experts <= experts:
+            raise ValueError(f"guilomo needs experts >= 2 and 0 <= min_experts <= experts, got {experts}, {min_experts}")
         if expert_mask not in ("gate", "logits"):
             raise ValueError(f"guilomo expert_mask must be 'gate' or 'logits', got {expert_mask!r}")
         super().__init__(base, [rank] * experts, top_k=top_k, alpha=alpha, adapter_dtype=torch.float32)
         device = self.lora_A.weight.device
         self.min_experts, self.expert_mask, self.dense, self.rank_leak = min_experts, expert_mask, dense, rank_leak
-        self.expert_gsv = nn.Parameter((init_scale * torch.randn(experts, device=device)).softmax(-1))
+        # With min_experts = 0 the expert GSV gets a leading entry for "no expert" (entry k reads out k experts),
+        # started at 0, below the others (softmax values), so that every module starts with experts: a module
+        # without one gets no gradient of the loss and could never be switched on.
+        self.none_entry = int(min_experts == 0)
+        start = (init_scale * torch.randn(experts + self.none_entry, device=device)).softmax(-1)
+        self.expert_gsv = nn.Parameter(torch.cat([start.new_zeros(self.none_entry), start[self.none_entry:]]))
         self.rank_gsv = nn.Parameter((init_scale * torch.randn(experts, rank, device=device)).softmax(-1))
         self.rank_scale = nn.Parameter(torch.ones(experts * rank, device=device))
         if b_std > 0:
@@ -90,7 +97,12 @@ class GSVLinear(LoraMoELinear):
 
     def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(expert mask (E,), rank mask (E, r)) with straight-through gradients into the GSVs."""
-        return (PrefixSelect.apply(self.expert_gsv.sigmoid(), self.min_experts - 1, 0.0, self.dense, 0.0),
+        expert = PrefixSelect.apply(self.expert_gsv.sigmoid(), self.min_experts - 1 + self.none_entry, 0.0, self.dense,
+                                    0.0)[self.none_entry:]
+        if self.none_entry and self.expert_mask == "gate":  # a module switched off keeps expert 0 at RANK_OFF, so
+            # that the loss still tells its GSV whether switching it on would help (its weights barely train)
+            expert = torch.cat([expert[:1] + RANK_OFF * (expert[:1].detach() == 0), expert[1:]])
+        return (expert,
                 PrefixSelect.apply(self.rank_gsv.sigmoid(), 0, RANK_OFF, self.dense, self.rank_leak))
 
     def column_gates(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,15 +118,53 @@ class GSVLinear(LoraMoELinear):
         self.last_stats = RouterStats(logits, selected)
         return gates.index_select(-1, self.column_expert) * self.column_scale * self.rank_scale * rank.flatten()
 
+    def soft_cost(self) -> torch.Tensor:
+        """``Σ_i m_i (d_in + (d_in + d_out) Σ_j ρ_ij)``: the trainable parameters of the selection, with the masks'
+        straight-through gradients (a router row per expert; the read-out's exact cost differs by one row)."""
+        expert, rank = self.masks()
+        return (expert * (self.d_in + (self.d_in + self.d_out) * rank.sum(-1))).sum()
+
     def readout(self) -> tuple[int, list[int]]:
-        """``(argmax g + 1, [argmax u_i + 1 for every expert])``: the raw read-out, before ``n_min``."""
-        return int(self.expert_gsv.argmax()) + 1, [int(r) + 1 for r in self.rank_gsv.argmax(-1)]
+        """``(argmax g + 1, [argmax u_i + 1 for every expert])``: the raw read-out, before ``n_min`` (``argmax g``
+        with ``min_experts=0``, whose GSV entry 0 is "no expert")."""
+        return int(self.expert_gsv.argmax()) + 1 - self.none_entry, [int(r) + 1 for r in self.rank_gsv.argmax(-1)]
 
     def selection(self) -> tuple[int, list[int]]:
-        """Read-out: ``max(n_min, argmax g + 1)`` experts, expert i of rank ``argmax u_i + 1``."""
+        """Read-out: ``max(n_min, count)`` experts (:meth:`readout`), expert i of rank ``argmax u_i + 1``."""
         count, ranks = self.readout()
         experts = max(self.min_experts, count)
         return experts, ranks[:experts]
+
+
+class RowAdam(torch.optim.Optimizer):
+    """Adam whose second moment is shared by each row (the mean of ``g²`` over the last dimension).
+
+    Per-entry Adam moves every entry whose gradient keeps its sign by about ``lr`` per step whatever the
+    gradient's size, so the order of a GSV's entries, and its argmax read-out, changes only where gradients
+    differ in sign. With one scale per row, entries move in proportion to their gradients, and the argmax goes
+    to the prefix whose (cumulative, :class:`PrefixSelect`) gradient is most negative.
+    """
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.5, 0.999), eps: float = 1e-8):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"], state["m"] = 0, torch.zeros_like(p)
+                    state["v"] = torch.zeros_like(p[..., :1])
+                state["step"] += 1
+                state["m"].lerp_(p.grad, 1 - beta1)
+                state["v"].lerp_(p.grad.pow(2).mean(-1, keepdim=True), 1 - beta2)
+                m_hat = state["m"] / (1 - beta1 ** state["step"])
+                v_hat = state["v"] / (1 - beta2 ** state["step"])
+                p.sub_(group["lr"] * m_hat / (v_hat.sqrt() + group["eps"]))
 
 
 def _fill(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -154,13 +204,22 @@ def hypergradient(weights: Sequence[torch.Tensor], arch: Sequence[torch.Tensor],
     return [d - xi * (p - m) / (2 * eps) for d, p, m in zip(direct, *sides)]
 
 
-def _step(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
-    """One optimizer step with ``grads``, averaged over the processes when several run."""
+def _mean(grads: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+    """``grads`` averaged over the processes when several run."""
     _, world = process_group()
-    if world > 1:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        grads = [f.view_as(g) for f, g in zip((flat / world).split([g.numel() for g in grads]), grads)]
+    if world == 1:
+        return grads
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    return [f.view_as(g) for f, g in zip((flat / world).split([g.numel() for g in grads]), grads)]
+
+
+def _rms(tensors: Sequence[torch.Tensor]) -> float:
+    return float(torch.sqrt(torch.mean(torch.cat([t.detach().flatten() for t in tensors]).double() ** 2)))
+
+
+def _step(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+    """One optimizer step with ``grads``."""
     for p, g in zip(params, grads):
         p.grad = g
     optimizer.step()
@@ -171,13 +230,22 @@ def _step(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], grad
 def search(model: nn.Module, names: list[str], train: list[dict], val: list[dict], *, experts: int, rank: int,
            top_k: int, alpha: float, min_experts: int, lr: float, gsv_lr: float, steps: int, second_order: bool,
            balance: float, check_every: int, patience: int, seed: int, cost: Cost, settle: float | None = None,
-           layer_options: dict | None = None) -> tuple[dict[str, GSVLinear], dict[str, tuple[int, list[int]]]]:
+           layer_options: dict | None = None, budget: int | None = None, budget_lr: float = 0.1
+           ) -> tuple[dict[str, GSVLinear], dict[str, tuple[int, list[int]]], dict[str, float]]:
     """Run the bilevel search on search layers swapped in for ``names``; return them (detached from the model,
     which gets its own modules, flags and mode back) and their start read-outs. Early stop: the selections
     unchanged for ``patience`` checks ``check_every`` steps apart and, with ``settle``, no GSV's sigmoid moved
     by more than ``settle`` between two checks. The search runs in eval mode (no dropout), so the seed
     fixes the result. With several processes each step takes one batch per process and averages the gradients
-    over them, so the GSVs stay identical on every process."""
+    over them, so the GSVs stay identical on every process.
+
+    With a ``budget`` the search is constrained (moela; the public code has no budget): the outer objective is
+    ``L_val + λ u · C(masks) / budget``, ``C`` the selection's parameters (:meth:`GSVLinear.soft_cost`), ``u`` the
+    ratio of the hypergradient's RMS (a moving average, 0.9) to the price gradient's, so that λ is in units of
+    the loss signal however that grows while the adapters learn, and
+    after every step dual ascent ``λ ← max(0, λ + budget_lr · (cost(read-out) / budget − 1))``. A prefix then
+    grows only where its validation benefit beats its price, so the read-out spends the budget where the data
+    ask for it. Returns the layers, their start read-outs and ``{"lambda": λ, "readout_cost": cost / budget}``."""
     device = next(model.parameters()).device
 
     def make(base: nn.Module) -> GSVLinear:
@@ -188,7 +256,8 @@ def search(model: nn.Module, names: list[str], train: list[dict], val: list[dict
         weights = [p for l in layers.values() for p in (l.lora_A.weight, l.lora_B.weight, l.router.weight, l.rank_scale)]
         arch = [p for l in layers.values() for p in (l.expert_gsv, l.rank_gsv)]
         inner = torch.optim.AdamW(weights, lr=lr, weight_decay=0.0)
-        outer = torch.optim.AdamW(arch, lr=gsv_lr, betas=(0.5, 0.999), weight_decay=0.0)
+        outer = (RowAdam(arch, lr=gsv_lr) if budget  # per-entry Adam would not let the price reorder a GSV
+                 else torch.optim.AdamW(arch, lr=gsv_lr, betas=(0.5, 0.999), weight_decay=0.0))
 
         def loss_on(batch: dict, coef: float) -> Callable[[], torch.Tensor]:
             inputs, _ = to_device(batch, device)
@@ -198,14 +267,28 @@ def search(model: nn.Module, names: list[str], train: list[dict], val: list[dict
                 return out + coef * balance_loss(model, inputs.get("attention_mask")) if coef else out
             return loss
 
+        def readout_cost() -> int:
+            return sum(routed(r, top_k).cost(l.d_in, l.d_out) for l in layers.values() if (r := l.selection()[1]))
+
+        lam, scale, spent = 0.0, 0.0, readout_cost() / budget if budget else 0.0
         last, stable, previous = None, 0, torch.cat([p.detach().sigmoid().flatten() for p in arch])
         rank, world = process_group()
         for step in (bar := tqdm(range(steps), desc="guilomo search", leave=False)):
             at = step * world + rank  # several processes: each takes its own batch of the step
             train_loss = loss_on(train[at % len(train)], balance)
             val_loss = loss_on(val[at % len(val)], 0.0)
-            _step(outer, arch, hypergradient(weights, arch, train_loss, val_loss, lr, second_order))
-            _step(inner, weights, _fill(torch.autograd.grad(train_loss(), weights, allow_unused=True), weights))
+            hyper = _mean(hypergradient(weights, arch, train_loss, val_loss, lr, second_order))
+            if budget:
+                price = _fill(torch.autograd.grad(sum(l.soft_cost() for l in layers.values()) / budget, arch,
+                                                  allow_unused=True), arch)
+                scale = _rms(hyper) if not scale else 0.9 * scale + 0.1 * _rms(hyper)
+                unit = scale / max(_rms(price), 1e-30)
+                hyper = [h + lam * unit * c for h, c in zip(hyper, price)]
+            _step(outer, arch, hyper)
+            _step(inner, weights, _mean(_fill(torch.autograd.grad(train_loss(), weights, allow_unused=True), weights)))
+            if budget:
+                spent = readout_cost() / budget
+                lam = max(0.0, lam + budget_lr * (spent - 1.0))
             cost.add(train[at % len(train)])
             cost.examples += size(val[at % len(val)])
             if (step + 1) % check_every == 0:
@@ -217,7 +300,7 @@ def search(model: nn.Module, names: list[str], train: list[dict], val: list[dict
                 bar.set_postfix(stable=stable)
                 if stable >= patience:
                     break
-    return layers, start
+    return layers, start, {"lambda": lam, "readout_cost": spent} if budget else {}
 
 
 def unmoved(layers: dict[str, GSVLinear], start: dict[str, tuple[int, list[int]]]) -> dict[str, float]:
@@ -226,7 +309,7 @@ def unmoved(layers: dict[str, GSVLinear], start: dict[str, tuple[int, list[int]]
     end = {n: l.readout() for n, l in layers.items()}
     counts = [end[n][0] == start[n][0] for n in layers]
     ranks = [a == b for n in layers for a, b in list(zip(end[n][1], start[n][1]))[:layers[n].selection()[0]]]
-    return {"experts": sum(counts) / len(counts), "ranks": sum(ranks) / len(ranks)}
+    return {"experts": sum(counts) / len(counts), "ranks": sum(ranks) / max(1, len(ranks))}
 
 
 @register("guilomo", needs_data=True, needs_weights=True)
@@ -236,7 +319,7 @@ def guilomo(model: nn.Module, *, targets: Any, budget: int | str | None = None, 
             second_order: bool = False, val_fraction: float = 0.1, batch_size: int = 8, examples: int | None = None,
             balance: float = 1e-3, check_every: int = 10, patience: int = 5, estimator: str = "dense",
             init_scale: float = 0.01, b_std: float = 0.02, expert_mask: str = "gate", rank_leak: float = RANK_OFF,
-            settle: float | None = 1e-3) -> AllocationPlan:
+            settle: float | None = 1e-3, budget_search: bool = False, budget_lr: float = 0.1) -> AllocationPlan:
     """GuiLoMo: bilevel GSV search, then read-out to a plan (experts ∈ [min_experts, experts], ranks ∈ [1, rank]).
 
     The search runs ``epochs`` passes over the training split (at most ``max_steps`` steps), stopping early
@@ -249,6 +332,14 @@ def guilomo(model: nn.Module, *, targets: Any, budget: int | str | None = None, 
     "gate" or ["logits"] (:class:`GSVLinear`); ``rank_leak`` gradient factor of unselected rank entries with
     "selected" [1e-4]; ``settle``: early stop also needs every GSV sigmoid to move ≤ ``settle`` per check
     [None: the public code has no early stop; moela's earlier one watched the selections only].
+
+    Budget (moela; the public method has none). By default the search is unconstrained and its read-out is
+    scaled to the budget afterwards, which keeps its shape but cannot move capacity between modules. With
+    ``budget_search=True`` the search itself is held to the budget by a Lagrangian price on the selection's
+    parameters (dual step ``budget_lr``; :func:`search`) and the GSVs are trained by :class:`RowAdam` (with
+    per-entry Adam the price cannot reorder a GSV's entries), so a prefix grows only where its validation
+    benefit beats its price. ``min_experts=0`` then lets the search switch a module off (the expert GSV gets
+    a "no expert" entry). The read-out is fitted to the budget exactly as before.
     """
     if estimator not in ("dense", "selected"):
         raise ValueError(f"guilomo estimator must be 'dense' or 'selected', got {estimator!r}")
@@ -260,23 +351,27 @@ def guilomo(model: nn.Module, *, targets: Any, budget: int | str | None = None, 
     cost = Cost("guilomo")
     layer_options = {"init_scale": init_scale, "b_std": b_std, "expert_mask": expert_mask,
                      "dense": estimator == "dense", "rank_leak": rank_leak}
-    layers, start = search(model, names, train, val, experts=experts, rank=rank, top_k=top_k, alpha=alpha,
+    layers, start, dual = search(model, names, train, val, experts=experts, rank=rank, top_k=top_k, alpha=alpha,
                            min_experts=min_experts, lr=lr, gsv_lr=gsv_lr, steps=steps, second_order=second_order,
                            balance=balance, check_every=check_every, patience=patience, seed=seed, cost=cost,
-                           settle=settle, layer_options=layer_options)
+                           settle=settle, layer_options=layer_options,
+                           budget=target if budget_search else None, budget_lr=budget_lr)
     still = unmoved(layers, start)
     if max(still.values()) > 0.5:
         warnings.warn(f"guilomo: {100 * still['experts']:.0f}% of the expert counts and {100 * still['ranks']:.0f}% "
                       f"of the ranks read out equal their random start: the plan reflects the seed more than the "
                       f"data (search longer, or raise gsv_lr)", stacklevel=2)
-    chosen = {n: layers[n].selection() for n in names}
+    chosen = {n: layers[n].selection() for n in names if layers[n].selection()[0]}  # min_experts=0: modules off
+    if not chosen:
+        raise ValueError("guilomo: the search read out no expert in any module (min_experts=0); search longer, "
+                         "lower budget_lr or raise min_experts")
     if target is None:
         modules: dict[str, ModulePlan] = {n: routed(r, top_k) for n, (_, r) in chosen.items()}
     else:
-        flat = [(n, r) for n in names for r in chosen[n][1]]
+        flat = [(n, r) for n in chosen for r in chosen[n][1]]
 
         def build(total: int) -> dict:
-            ranks: dict[str, list[int]] = {n: [] for n in names}
+            ranks: dict[str, list[int]] = {n: [] for n in chosen}
             for (n, _), r in zip(flat, apportion([r for _, r in flat], total, lo=1)):
                 ranks[n].append(r)
             return {n: routed(r, top_k) for n, r in ranks.items()}
@@ -290,7 +385,9 @@ def guilomo(model: nn.Module, *, targets: Any, budget: int | str | None = None, 
                "val_fraction": val_fraction, "batch_size": batch_size, "examples": examples, "balance": balance,
                "check_every": check_every, "patience": patience, "seed": seed, "estimator": estimator,
                "init_scale": init_scale, "b_std": b_std, "expert_mask": expert_mask, "rank_leak": rank_leak,
-               "settle": settle}
+               "settle": settle, "budget_search": budget_search, "budget_lr": budget_lr}
     plan = finish(modules, dims, "guilomo", options, target, scores, cost.report())
     plan.meta["unmoved"] = still
+    if dual:
+        plan.meta["budget_search"] = dual
     return plan
