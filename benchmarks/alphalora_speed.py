@@ -28,6 +28,12 @@ either precision.
 
     PYTHONPATH=. .venv/bin/python benchmarks/alphalora_speed.py              # ≈ 25 min on 2 loaded cores
     PYTHONPATH=. .venv/bin/python benchmarks/alphalora_speed.py --scale 0.125 --rounds 1   # smoke, ≈ 1 min
+    PYTHONPATH=. .venv/bin/python benchmarks/alphalora_speed.py --floor   # the bound below, ≈ 20 s
+
+``--floor``: the least time any full-spectrum path can take on this CPU. The work per 7B model is the Gram
+products' lower triangles (m·n² flops for an m × n matrix) plus the tridiagonal reductions of ``eigvalsh``
+(4/3·n³ each), 32 blocks of 4 + 3 matrices; divided by the rate of a 4096 × 4096 GEMM, this machine's fastest
+operation, measured here (half of the reduction is matrix-vector work, far slower than that).
 """
 
 from __future__ import annotations
@@ -97,13 +103,29 @@ def real_models() -> dict:
     return models
 
 
+def floor(threads: int) -> None:
+    """Print the GEMM rates and the least seconds a 7B spectrum pass can take at them (module docstring)."""
+    torch.set_num_threads(threads)
+    n, m = 4096, 11008
+    work = 32 * (4 * n ** 3 + 3 * m * n ** 2 + 7 * 4 / 3 * n ** 3)
+    for dtype in (torch.float32, torch.float64):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        best = min(timed(lambda: a @ b)[0] for _ in range(4))
+        rate = 2 * n ** 3 / best
+        print(f"{str(dtype).split('.')[1]}: GEMM {rate / 1e9:.0f} GFLOP/s on {threads} threads; 7B spectra need "
+              f"{work / 1e12:.1f} TFLOP, at least {work / rate / 60:.1f} min at that rate")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scale", type=float, default=1.0, help="matrix sizes × scale (smoke runs)")
     parser.add_argument("--no-svdvals", action="store_true", help="leave out the slow reference svdvals")
+    parser.add_argument("--floor", action="store_true", help="only the least time at this CPU's GEMM rate")
     args = parser.parse_args()
+    if args.floor:
+        return floor(args.threads)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     hidden, inter = int(4096 * args.scale), int(11008 * args.scale)

@@ -241,11 +241,11 @@ def search(model: nn.Module, names: list[str], train: list[dict], val: list[dict
 
     With a ``budget`` the search is constrained (moela; the public code has no budget): the outer objective is
     ``L_val + λ u · C(masks) / budget``, ``C`` the selection's parameters (:meth:`GSVLinear.soft_cost`), ``u`` the
-    ratio of the hypergradient's RMS (a moving average, 0.9) to the price gradient's, so that λ is in units of
-    the loss signal however that grows while the adapters learn, and
-    after every step dual ascent ``λ ← max(0, λ + budget_lr · (cost(read-out) / budget − 1))``. A prefix then
-    grows only where its validation benefit beats its price, so the read-out spends the budget where the data
-    ask for it. Returns the layers, their start read-outs and ``{"lambda": λ, "readout_cost": cost / budget}``."""
+    ratio of the hypergradient's RMS (a moving average, 0.9) to the price gradient's (so that λ is in units of
+    the loss signal however that grows while the adapters learn), and after every step dual ascent
+    ``λ ← max(0, λ + budget_lr · (cost(read-out) / budget − 1))``. The GSVs are trained by :class:`RowAdam`. A
+    prefix then grows only where its validation benefit beats its price. Returns the layers, their start
+    read-outs and ``{"lambda": λ, "readout_cost": cost / budget}`` (empty without a budget)."""
     device = next(model.parameters()).device
 
     def make(base: nn.Module) -> GSVLinear:
