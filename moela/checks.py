@@ -39,7 +39,7 @@ DATA_SUFFIXES = (".json", ".jsonl", ".tsv", ".txt", ".csv")
 # option → (kind, low, high, low inclusive, high inclusive); kind "int" or "float"
 OPTION_RANGES: dict[str, tuple[str, float, float, bool, bool]] = {
     "experts": ("int", 1, MAX_EXPERTS, True, True), "max_experts": ("int", 1, MAX_EXPERTS, True, True),
-    "min_experts": ("int", 1, MAX_EXPERTS, True, True), "rank": ("int", 1, MAX_RANK, True, True),
+    "min_experts": ("int", 0, MAX_EXPERTS, True, True), "rank": ("int", 1, MAX_RANK, True, True),
     "top_k": ("int", 1, MAX_EXPERTS, True, True), "max_k": ("int", 1, MAX_EXPERTS, True, True),
     "num_null": ("int", 0, MAX_EXPERTS, True, True), "total": ("int", 1, 100_000, True, True),
     "bins": ("int", 2, 100_000, True, True), "max_steps": ("int", 1, BIG, True, True),
@@ -47,6 +47,7 @@ OPTION_RANGES: dict[str, tuple[str, float, float, bool, bool]] = {
     "check_every": ("int", 1, BIG, True, True), "patience": ("int", 1, BIG, True, True),
     "alpha": ("float", 0, math.inf, False, False), "lr": ("float", 0, math.inf, False, False),
     "gsv_lr": ("float", 0, math.inf, False, False), "epochs": ("float", 0, math.inf, False, False),
+    "budget_lr": ("float", 0, math.inf, False, False),
     "beta": ("float", 0, math.inf, False, False), "balance": ("float", 0, math.inf, True, False),
     "val_fraction": ("float", 0, 1, False, False), "p": ("float", 0, 100, False, True),
     "top_p": ("float", 0, 1, False, True),
