@@ -80,6 +80,9 @@ class GSVLinear(LoraMoELinear):
             raise ValueError(f"guilomo needs experts >= 2 and 0 <= min_experts <= experts, got {experts}, {min_experts}")
         if expert_mask not in ("gate", "logits"):
             raise ValueError(f"guilomo expert_mask must be 'gate' or 'logits', got {expert_mask!r}")
+        if min_experts == 0 and (expert_mask != "gate" or not dense):
+            raise ValueError("guilomo min_experts=0 needs expert_mask='gate' and estimator='dense': otherwise a module "
+                             "switched off gets no gradient and can never be switched on again")
         super().__init__(base, [rank] * experts, top_k=top_k, alpha=alpha, adapter_dtype=torch.float32)
         device = self.lora_A.weight.device
         self.min_experts, self.expert_mask, self.dense, self.rank_leak = min_experts, expert_mask, dense, rank_leak
@@ -363,8 +366,8 @@ def guilomo(model: nn.Module, *, targets: Any, budget: int | str | None = None, 
                       f"data (search longer, or raise gsv_lr)", stacklevel=2)
     chosen = {n: layers[n].selection() for n in names if layers[n].selection()[0]}  # min_experts=0: modules off
     if not chosen:
-        raise ValueError("guilomo: the search read out no expert in any module (min_experts=0); search longer, "
-                         "lower budget_lr or raise min_experts")
+        raise ValueError("guilomo: the search read out no expert in any module (min_experts=0); search longer"
+                         + (", lower budget_lr" if budget_search else "") + " or raise min_experts")
     if target is None:
         modules: dict[str, ModulePlan] = {n: routed(r, top_k) for n, (_, r) in chosen.items()}
     else:
