@@ -77,7 +77,8 @@ class GSVLinear(LoraMoELinear):
                  min_experts: int = 2, init_scale: float = 1.0, b_std: float = 0.0, expert_mask: str = "gate",
                  dense: bool = False, rank_leak: float = RANK_OFF):
         if experts < 2 or not 0 <= min_experts <= experts:
-            raise ValueError(f"guilomo needs experts >= 2 and 0 <= min_experts <= experts, got {experts}, {min_experts}")
+            raise ValueError(f"guilomo needs experts >= 2 and 0 <= min_experts <= experts, got {experts}, "
+                             f"{min_experts}")
         if expert_mask not in ("gate", "logits"):
             raise ValueError(f"guilomo expert_mask must be 'gate' or 'logits', got {expert_mask!r}")
         if min_experts == 0 and (expert_mask != "gate" or not dense):
