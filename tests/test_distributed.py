@@ -170,17 +170,20 @@ def probe_examples() -> list[dict]:
     return out
 
 
-def plans(methods: tuple[str, ...] = ("sensitivity", "guilomo", "prune")) -> dict:
-    """The sensitivity, GuiLoMo and prune plans (modules and scores) of this process."""
+def plans(methods: tuple[str, ...] = ("sensitivity", "guilomo", "guilomo-budget", "prune")) -> dict:
+    """The sensitivity, GuiLoMo (unconstrained and held to a budget) and prune plans (modules and scores, and the
+    budget search's λ) of this process."""
     model, data = tiny_model("llama"), probe_examples()
-    options = {"sensitivity": dict(targets="all-linear", experts=2, rank=2),
-               "guilomo": dict(targets=["q_proj", "down_proj"], experts=3, rank=2, max_steps=4, batch_size=2,
-                               val_fraction=0.25, lr=1e-2, gsv_lr=0.1),
+    search = dict(targets=["q_proj", "down_proj"], experts=3, rank=2, max_steps=4, batch_size=2,
+                  val_fraction=0.25, lr=1e-2, gsv_lr=0.1)
+    options = {"sensitivity": dict(targets="all-linear", experts=2, rank=2), "guilomo": search,
+               "guilomo-budget": dict(search, budget_search=True, min_experts=0, budget="uniform:E=1,r=2"),
                "prune": dict(targets="all-linear", warmup=6, refit=2, batch_size=2)}
     out = {}
-    for method in methods:
-        plan = allocate(method, model, data=data, **options[method])
-        out[method] = {"modules": plan.to_dict()["modules"], "scores": plan.meta["scores"]}
+    for label in methods:
+        plan = allocate(label.split("-")[0], model, data=data, **options[label])
+        out[label] = {"modules": plan.to_dict()["modules"], "scores": plan.meta["scores"],
+                      "budget_search": plan.meta.get("budget_search")}
     return out
 
 
@@ -195,11 +198,11 @@ def allocate_in_group(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_data_driven_allocators_agree_across_processes(tmp_path):
-    """Sensitivity scores are those of one process (up to summation order); GuiLoMo's GSVs, prune's
-    importances and all three plans are identical on every process."""
+    """Sensitivity scores are those of one process (up to summation order); GuiLoMo's GSVs (and the budget
+    search's λ), prune's importances and all the plans are identical on every process."""
     mp.spawn(allocate_in_group, args=(2, free_port(), str(tmp_path)), nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-    assert rank0 == rank1
+    assert rank0 == rank1 and rank0["guilomo-budget"]["budget_search"]["lambda"] > 0  # the price acted
     alone = plans(("sensitivity",))
     assert rank0["sensitivity"]["modules"] == alone["sensitivity"]["modules"]
     for name, score in alone["sensitivity"]["scores"]["sensitivity"].items():
