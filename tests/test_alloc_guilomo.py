@@ -217,3 +217,22 @@ def test_budget_search_spends_the_budget_where_it_is_needed(seed):
     unconstrained = allocate("guilomo", model, min_experts=1, **common)
     assert sum(unconstrained["layers.0.proj"].ranks) < sum(plan["layers.0.proj"].ranks)
     assert "budget_search" not in unconstrained.meta
+
+
+def test_budget_search_runs_under_bf16_autocast_with_a_teacher():
+    """As users run it on GPUs: under ``torch.autocast`` (bf16) the priced search with the teacher's KL keeps λ
+    and the GSVs finite, and the plan meets the budget."""
+    import copy
+
+    import moela
+
+    model = tiny_model("llama")
+    teacher = copy.deepcopy(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16), moela.teacher_loss(model, teacher):
+        plan = allocate("guilomo", model, data=examples(24), batch_size=4, max_steps=6, budget="uniform:E=1,r=2",
+                        budget_search=True, min_experts=0)
+    target = plan.meta["budget"]["target"]
+    assert abs(plan.num_trainable(model) - target) <= 0.02 * target
+    dual = plan.meta["budget_search"]
+    assert all(torch.isfinite(torch.tensor(v)) for v in dual.values()) and dual["lambda"] > 0
+    assert all(torch.isfinite(torch.tensor(g)).all() for g in plan.meta["scores"]["expert_gsv"].values())

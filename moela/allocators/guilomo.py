@@ -365,7 +365,7 @@ def guilomo(model: nn.Module, *, targets: Any, budget: int | str | None = None, 
         warnings.warn(f"guilomo: {100 * still['experts']:.0f}% of the expert counts and {100 * still['ranks']:.0f}% "
                       f"of the ranks read out equal their random start: the plan reflects the seed more than the "
                       f"data (search longer, or raise gsv_lr)", stacklevel=2)
-    chosen = {n: layers[n].selection() for n in names if layers[n].selection()[0]}  # min_experts=0: modules off
+    chosen = {n: pick for n in names if (pick := layers[n].selection())[0]}  # min_experts=0: modules may be off
     if not chosen:
         raise ValueError("guilomo: the search read out no expert in any module (min_experts=0); search longer"
                          + (", lower budget_lr" if budget_search else "") + " or raise min_experts")
