@@ -169,3 +169,20 @@ def test_shape_shift_finds_a_shift_that_every_seed_shares_and_no_shift_in_noise(
     assert same[2] > 0.05  # two draws of the same noise: no resolved shift
     assert moved[2] < 0.01 and moved[0] > moved[1]  # rank moved to q under one kind of label on every seed
     assert guilomo_control.planted_share([{"q": 2, "k": 6}], {"q": 8}) == [0.25]
+
+
+def test_prune_fit_curve_starts_at_the_base_and_both_probes_learn(recovery, monkeypatch):
+    """benchmarks/prune_fit.py: the warm-up adapters start at the base model (B = 0, no update norm) whatever
+    the probe, both probes train them, and a few steps on the teacher's distributions lower the held-out KL (on
+    12 texts of 12 tokens sampled labels may not); the table reports both probes."""
+    import prune_fit
+
+    curves = {label: prune_fit.fit_curve("deep", 0, label, steps=3, every=3, probe=16, length=12)
+              for label in prune_fit.LABELS}
+    for points in curves.values():
+        assert [p["step"] for p in points] == [0, 3]
+        assert points[0]["planted"] == 0 and 0 < points[1]["planted"] < 1
+    assert curves["soft"][1]["kl"] < curves["soft"][0]["kl"]
+    assert curves["sampled"][0]["kl"] == pytest.approx(curves["soft"][0]["kl"])
+    text = prune_fit.table([{"scenario": "deep", "label": k, "points": v} for k, v in curves.items()], ["deep"])
+    assert "| deep sampled | deep soft |" in text and text.count("\n") == 3
