@@ -16,7 +16,6 @@ maps. ``sampled``: cross-entropy to the sampled labels (what the search sees on 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
