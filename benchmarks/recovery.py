@@ -44,7 +44,7 @@ from moela.allocators import allocate
 from moela.allocators.budget import apportion, finish, parse_budget, routed, target_dims
 from moela.distillation import kl_to_teacher as kl  # mean over tokens of KL(teacher ‖ student)
 from moela.io import atomic_write_text
-from moela.plan import AllocationPlan, find_targets, layer_index, module_type
+from moela.plan import AllocationPlan, find_targets, layer_index
 
 from intervals import ci  # benchmarks/intervals.py (this script's folder is on sys.path)
 

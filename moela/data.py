@@ -20,7 +20,6 @@ Every reader raises ValueError naming the file and the record (JSON list index, 
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path

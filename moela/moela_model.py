@@ -22,7 +22,7 @@ from torch import nn
 
 from .adapter import load_adapter, save_adapter
 from .config import CONFIG_NAME, MoelaConfig
-from .model import count_parameters, disable_adapters, inject, merge_and_unload, moela_layers, unload
+from .model import count_parameters, disable_adapters, inject, merge_and_unload, unload
 from .plan import AllocationPlan
 
 TRAINER_WEIGHTS = "model.safetensors"  # what the Trainer writes for a model that is not a PreTrainedModel

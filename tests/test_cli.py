@@ -15,7 +15,7 @@ from moela.allocators import available
 from moela.allocators.budget import parse_budget
 from moela.cli import main
 from moela.settings import DEFAULTS, load_settings
-from tests.helpers import lm_config, save_tiny
+from tests.helpers import lm_config
 
 
 def test_compare_gives_one_row_per_method_at_equal_budget(tmp_path, tiny_lm, capsys):

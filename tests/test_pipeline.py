@@ -11,7 +11,6 @@ import torch
 import transformers
 import yaml
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from moela import AllocationPlan, inject, run_folder
 from moela.cli import main

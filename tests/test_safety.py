@@ -22,7 +22,6 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-import torch
 import transformers
 import yaml
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
@@ -149,7 +148,7 @@ def test_overwrite_never_deletes_the_current_folder_or_its_parents(tmp_path, tin
     run_folder.mark_owned(work, "run")
     run_folder.mark_owned(tmp_path, "run")
     assert main(["train", str(config), "output_dir=.", "--overwrite"]) == 1
-    assert f"refusing to delete . for --overwrite: it is the current folder" in one_line_error(capsys)
+    assert "refusing to delete . for --overwrite: it is the current folder" in one_line_error(capsys)
     assert main(["train", str(config), f"output_dir={tmp_path}", "--overwrite"]) == 1
     assert "it is a parent of the current folder" in one_line_error(capsys)
     assert_kept(before, tmp_path)

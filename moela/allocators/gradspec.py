@@ -32,7 +32,7 @@ from .alphalora import matrix_eigs
 from .budget import DEFAULT_BUDGET, apportion, finish, fit, parse_budget, routed, target_dims
 from .probe import Cost, batches, pad_id
 from .registry import register
-from .sensitivity import backward_hooks, squared_grad_norm
+from .sensitivity import backward_hooks
 
 
 def gradient_spectra(model: nn.Module, names: list[str], probe_batches: list[dict],
