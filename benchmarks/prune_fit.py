@@ -25,27 +25,29 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recovery  # noqa: E402  (benchmarks/recovery.py: teacher, texts, probe)
 
-from moela.allocators.probe import holdout, swapped  # noqa: E402
+import moela  # noqa: E402
+from moela.allocators.probe import holdout, pad_id, swapped  # noqa: E402
 from moela.layer import LoraMoELinear  # noqa: E402
 from moela.plan import find_targets  # noqa: E402
 
 LABELS = ("sampled", "soft")
+PRUNE = moela.allocator("prune").options  # the search's defaults: rank, lr, batch size, held-out share
 
 
-def fit_curve(scenario: str, seed: int, label: str, *, steps: int, every: int, rank: int = 4, lr: float = 2e-3,
-              probe: int = recovery.PROBE, length: int = 48) -> list[dict]:
+def fit_curve(scenario: str, seed: int, label: str, *, steps: int, every: int, probe: int = recovery.PROBE,
+              length: int = 48) -> list[dict]:
     """``[{step, kl, planted}]`` every ``every`` steps (and at ``steps``) of one warm-up (module docstring)."""
     ids = recovery.texts(probe, length)
     teacher, planted = recovery.make_teacher(scenario, 0.3)
     logp = recovery.teacher_targets(teacher, ids)
     data = [{**e, "row": i} for i, e in enumerate(recovery.sampled_examples(ids, logp, seed))]
-    train, val = holdout(data, 0.25, 16, seed, 0, probe)
     model = recovery.load_base()
+    train, val = holdout(data, PRUNE["val_fraction"], PRUNE["batch_size"], seed, pad_id(model), probe)
     points = []
-    with swapped(model, find_targets(model, "all-linear"), lambda base: LoraMoELinear(base, [rank], top_k=1),
-                 seed) as layers:
+    with swapped(model, find_targets(model, "all-linear"),
+                 lambda base: LoraMoELinear(base, [PRUNE["rank"]], top_k=1), seed) as layers:
         params = [p for layer in layers.values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(params, lr=PRUNE["lr"], weight_decay=0.0)
         for step in range(steps + 1):
             if step % every == 0 or step == steps:
                 with torch.no_grad():

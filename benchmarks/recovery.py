@@ -108,11 +108,15 @@ def texts(count: int, length: int) -> torch.Tensor:
     return torch.tensor(out)
 
 
+def scenario_key(path: str) -> tuple[int, str]:
+    """``(block, map name)`` of a module path, as :data:`SCENARIOS` names planted maps."""
+    return layer_index(path), path.rsplit(".", 1)[-1]
+
+
 def planted_paths(model: torch.nn.Module, scenario: str) -> dict[str, int]:
     """``{module path: planted rank}``."""
     wanted = SCENARIOS[scenario]
-    return {n: wanted[(layer_index(n), n.rsplit(".", 1)[-1])] for n in find_targets(model, "all-linear")
-            if (layer_index(n), n.rsplit(".", 1)[-1]) in wanted}
+    return {n: wanted[scenario_key(n)] for n in find_targets(model, "all-linear") if scenario_key(n) in wanted}
 
 
 def make_teacher(scenario: str, gamma: float) -> tuple[torch.nn.Module, dict[str, int]]:
@@ -351,7 +355,7 @@ def rank_share(ranks: dict[str, list[int]], scenario: str) -> float:
     """Share of a plan's total rank (``{module path: ranks}``) on the maps planted in ``scenario``."""
     planted = SCENARIOS[scenario]
     total = {n: sum(r) for n, r in ranks.items()}
-    return sum(t for n, t in total.items() if (layer_index(n), n.rsplit(".", 1)[-1]) in planted) / sum(total.values())
+    return sum(t for n, t in total.items() if scenario_key(n) in planted) / sum(total.values())
 
 
 def following(get: dict, methods: list[str], seeds: list[int]) -> list[str]:

@@ -356,10 +356,10 @@ def guilomo(model: nn.Module, *, targets: Any, budget: int | str | None = None, 
     layer_options = {"init_scale": init_scale, "b_std": b_std, "expert_mask": expert_mask,
                      "dense": estimator == "dense", "rank_leak": rank_leak}
     layers, start, dual = search(model, names, train, val, experts=experts, rank=rank, top_k=top_k, alpha=alpha,
-                           min_experts=min_experts, lr=lr, gsv_lr=gsv_lr, steps=steps, second_order=second_order,
-                           balance=balance, check_every=check_every, patience=patience, seed=seed, cost=cost,
-                           settle=settle, layer_options=layer_options,
-                           budget=target if budget_search else None, budget_lr=budget_lr)
+                                 min_experts=min_experts, lr=lr, gsv_lr=gsv_lr, steps=steps,
+                                 second_order=second_order, balance=balance, check_every=check_every,
+                                 patience=patience, seed=seed, cost=cost, settle=settle, layer_options=layer_options,
+                                 budget=target if budget_search else None, budget_lr=budget_lr)
     still = unmoved(layers, start)
     if max(still.values()) > 0.5:
         warnings.warn(f"guilomo: {100 * still['experts']:.0f}% of the expert counts and {100 * still['ranks']:.0f}% "
