@@ -10,7 +10,14 @@ on the search's own validation split, and the share of the adapters' update norm
 maps. ``sampled``: cross-entropy to the sampled labels (what the search sees on ``recovery.py``'s default rows);
 ``soft``: the KL itself (its ``/soft`` rows). Mean over seeds.
 
+``--maps planted`` trains the same adapters on the planted maps only: what the oracle's maps can learn from the
+same probe. Where they fit the teacher no better than adapters on all maps, nothing that scores a set of maps by
+how well its adapters fit the probe (``prune``'s held-out ablations, any held-out criterion) can prefer the
+planted set. ``--probe N`` sets the number of probe texts (``recovery.texts``' first N).
+
     PYTHONPATH=. python benchmarks/prune_fit.py --seeds 0 1 2 --out benchmarks/results/prune-fit.json  # ≈ 10 min
+    PYTHONPATH=. python benchmarks/prune_fit.py --maps all planted --probe 256 1024 4096 --scenarios middle deep \
+        --out benchmarks/results/prune-fit-maps.json
 """
 
 from __future__ import annotations
@@ -35,8 +42,9 @@ PRUNE = moela.allocator("prune").options  # the search's defaults: rank, lr, bat
 
 
 def fit_curve(scenario: str, seed: int, label: str, *, steps: int, every: int, probe: int = recovery.PROBE,
-              length: int = 48) -> list[dict]:
-    """``[{step, kl, planted}]`` every ``every`` steps (and at ``steps``) of one warm-up (module docstring)."""
+              length: int = 48, maps: str = "all") -> list[dict]:
+    """``[{step, kl, planted}]`` every ``every`` steps (and at ``steps``) of one warm-up (module docstring) with
+    adapters on ``maps``: ``"all"`` targets or the ``"planted"`` ones."""
     ids = recovery.texts(probe, length)
     teacher, planted = recovery.make_teacher(scenario, 0.3)
     logp = recovery.teacher_targets(teacher, ids)
@@ -44,7 +52,7 @@ def fit_curve(scenario: str, seed: int, label: str, *, steps: int, every: int, p
     model = recovery.load_base()
     train, val = holdout(data, PRUNE["val_fraction"], PRUNE["batch_size"], seed, pad_id(model), probe)
     points = []
-    with swapped(model, find_targets(model, "all-linear"),
+    with swapped(model, find_targets(model, "all-linear") if maps == "all" else list(planted),
                  lambda base: LoraMoELinear(base, [PRUNE["rank"]], top_k=1), seed) as layers:
         params = [p for layer in layers.values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
         optimizer = torch.optim.AdamW(params, lr=PRUNE["lr"], weight_decay=0.0)
@@ -70,19 +78,24 @@ def fit_curve(scenario: str, seed: int, label: str, *, steps: int, every: int, p
     return points
 
 
-def table(rows: list[dict], scenarios: list[str]) -> str:
-    """Markdown: one row per step, KL and planted norm share per scenario and label, means over seeds."""
+def column(row: dict) -> str:
+    """A curve's column name: scenario and label, then the maps and probe size where they are not the defaults."""
+    maps = "" if row.get("maps", "all") == "all" else " planted-only"
+    probe = "" if row.get("probe", recovery.PROBE) == recovery.PROBE else f" @{row['probe']}"
+    return f"{row['scenario']} {row['label']}{maps}{probe}"
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one row per step, KL and planted norm share per curve (:func:`column`), means over seeds."""
     steps = sorted({p["step"] for r in rows for p in r["points"]})
-    head = [f"{s} {label}" for s in scenarios for label in LABELS]
+    head = list(dict.fromkeys(column(r) for r in rows))
     lines = ["| step | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for step in steps:
         cells = []
-        for s in scenarios:
-            for label in LABELS:
-                pts = [p for r in rows if r["scenario"] == s and r["label"] == label for p in r["points"]
-                       if p["step"] == step]
-                cells.append(f"{np.mean([p['kl'] for p in pts]):.3f} ({np.mean([p['planted'] for p in pts]):.2f})"
-                             if pts else "")
+        for name in head:
+            pts = [p for r in rows if column(r) == name for p in r["points"] if p["step"] == step]
+            cells.append(f"{np.mean([p['kl'] for p in pts]):.3f} ({np.mean([p['planted'] for p in pts]):.2f})"
+                         if pts else "")
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -93,16 +106,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=220, help="prune's defaults: 100 warm-up + 6 rounds × 20 refit")
     parser.add_argument("--every", type=int, default=20)
+    parser.add_argument("--labels", nargs="+", default=list(LABELS), choices=LABELS)
+    parser.add_argument("--maps", nargs="+", default=["all"], choices=("all", "planted"),
+                        help="adapters on every map or on the planted ones only")
+    parser.add_argument("--probe", nargs="+", type=int, default=[recovery.PROBE], help="probe texts")
     parser.add_argument("--out", type=Path, help="also write the curves as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    rows = [{"scenario": s, "seed": seed, "label": label,
-             "points": fit_curve(s, seed, label, steps=args.steps, every=args.every)}
-            for s in args.scenarios for seed in args.seeds for label in LABELS]
+    rows = [{"scenario": s, "seed": seed, "label": label, "maps": maps, "probe": probe,
+             "points": fit_curve(s, seed, label, steps=args.steps, every=args.every, probe=probe, maps=maps)}
+            for s in args.scenarios for seed in args.seeds for probe in args.probe for maps in args.maps
+            for label in args.labels]
     if args.out:
         recovery.save(args.out, rows)
     print(f"Held-out KL(teacher ‖ model) (planted share of the update norm), mean over seeds {args.seeds}")
-    print(table(rows, args.scenarios))
+    print(table(rows))
 
 
 if __name__ == "__main__":

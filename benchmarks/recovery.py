@@ -108,6 +108,14 @@ def texts(count: int, length: int) -> torch.Tensor:
     return torch.tensor(out)
 
 
+def split_texts(train: int, val: int, probe: int, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The students' training and held-out texts and the allocators' probe texts: the first ``probe`` training
+    texts, and beyond ``train`` texts that come after the held-out ones (seen by no student)."""
+    all_ids = texts(train + val + max(0, probe - train), length)
+    ids = all_ids[:train]
+    return ids, all_ids[train:train + val], torch.cat([ids[:probe], all_ids[train + val:]])
+
+
 def scenario_key(path: str) -> tuple[int, str]:
     """``(block, map name)`` of a module path, as :data:`SCENARIOS` names planted maps."""
     return layer_index(path), path.rsplit(".", 1)[-1]
@@ -252,21 +260,22 @@ def run(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads)
     rows = json.loads(args.out.read_text()) if args.out.exists() and not args.fresh else []
     done = {(r["scenario"], r["method"], r["seed"]) for r in rows}
-    all_ids = texts(args.train + args.val, args.length)
-    ids, val_ids = all_ids[:args.train], all_ids[args.train:]
+    ids, val_ids, probe_ids = split_texts(args.train, args.val, args.probe, args.length)
     base = load_base()
     budget = parse_budget(args.budget, base, "all-linear")
     setups = {}
     for scenario in args.scenarios:  # the teacher and its targets are the same for every seed
         teacher, planted = make_teacher(scenario, args.gamma)
         targets, val_targets = teacher_targets(teacher, ids), teacher_targets(teacher, val_ids)
+        probe_targets = (torch.cat([targets, teacher_targets(teacher, probe_ids[args.train:])])
+                         if args.probe > args.train else targets[:args.probe])
         with torch.no_grad():
             base_kl = kl(base(input_ids=val_ids).logits, val_targets).item()
-        setups[scenario] = planted, targets, val_targets, base_kl, teacher
+        setups[scenario] = planted, targets, val_targets, base_kl, teacher, probe_targets
     for seed in args.seeds:  # seed-major, so that an interrupted run has every scenario at the first seeds
         for scenario in args.scenarios:
-            planted, targets, val_targets, base_kl, teacher = setups[scenario]
-            data = sampled_examples(ids[:args.probe], targets[:args.probe], seed, args.samples)
+            planted, targets, val_targets, base_kl, teacher, probe_targets = setups[scenario]
+            data = sampled_examples(probe_ids, probe_targets, seed, args.samples)
             for method in args.methods:
                 label = (method + (f"×{args.samples}" if args.samples > 1 else "") + SOFT_LABEL[args.soft]
                          + TEACHER_LABEL[args.teacher] + (f"@{args.probe}" if args.probe != PROBE else ""))
@@ -274,7 +283,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     continue
                 try:
                     model = load_base()
-                    probe = soft_probe(model, data, targets[:args.probe], args.soft) if args.soft else data
+                    probe = soft_probe(model, data, probe_targets, args.soft) if args.soft else data
                     with (moela.teacher_loss(model, teacher, positions=args.teacher) if args.teacher
                           else contextlib.nullcontext()):
                         plan, seconds = plan_for(method, model, planted, probe, seed, budget)
@@ -422,7 +431,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gamma", type=float, default=0.3, help="planted spectral norm relative to ‖W‖_2")
     parser.add_argument("--train", type=int, default=512)
     parser.add_argument("--val", type=int, default=128)
-    parser.add_argument("--probe", type=int, default=PROBE, help="texts the data-driven allocators see (≤ --train)")
+    parser.add_argument("--probe", type=int, default=PROBE, help="texts the data-driven allocators see: the first of the students' --train texts, "
+                             "then (beyond --train) texts that neither the students nor the held-out set use")
     parser.add_argument("--samples", type=int, default=1,
                         help="labels drawn from the teacher per probe text (methods are reported as NAME×S when > 1)")
     parser.add_argument("--soft", nargs="?", const="all", choices=SOFT,

@@ -41,6 +41,14 @@ def test_several_draws_per_text_are_text_major_and_differ(recovery, teacher_data
     assert len({tuple(e["labels"]) for e in three[:3]}) > 1
 
 
+def test_probe_texts_beyond_the_students_come_after_their_held_out_texts(recovery):
+    ids, val_ids, probe_ids = recovery.split_texts(4, 3, 6, 12)
+    every = recovery.texts(9, 12)
+    assert torch.equal(ids, every[:4]) and torch.equal(val_ids, every[4:7])
+    assert torch.equal(probe_ids, torch.cat([every[:4], every[7:]]))  # never a held-out text
+    assert torch.equal(recovery.split_texts(4, 3, 2, 12)[2], every[:2])
+
+
 def test_soft_probe_loss_is_the_students_kl(recovery, teacher_data):
     ids, targets = teacher_data
     model = recovery.load_base()
@@ -93,6 +101,10 @@ def test_tiny_run_labels_rows_by_probe(recovery, tmp_path, capsys, monkeypatch):
     recovery.main([a for a in argv if a != "--soft"] + ["--teacher", "--methods", "prune"])
     assert [r["method"] for r in json.loads(out.read_text())][-1] == "prune/teacher@8"
     assert len(entered) == 1 and entered[0] is not None  # the allocator probed inside teacher_loss
+    wider = [a for a in argv if a != "--soft"]
+    wider[wider.index("--probe") + 1] = "20"  # 4 probe texts beyond the students' 16
+    recovery.main([*wider, "--methods", "prune"])
+    assert [r["method"] for r in json.loads(out.read_text())][-1] == "prune@20"
 
 
 def test_gap_closure_compares_a_method_with_uniform_and_the_oracle_on_the_same_seeds(monkeypatch):
@@ -174,7 +186,8 @@ def test_shape_shift_finds_a_shift_that_every_seed_shares_and_no_shift_in_noise(
 def test_prune_fit_curve_starts_at_the_base_and_both_probes_learn(recovery, monkeypatch):
     """benchmarks/prune_fit.py: the warm-up adapters start at the base model (B = 0, no update norm) whatever
     the probe, both probes train them, and a few steps on the teacher's distributions lower the held-out KL (on
-    12 texts of 12 tokens sampled labels may not); the table reports both probes."""
+    12 texts of 12 tokens sampled labels may not); the table reports both probes; adapters on the planted maps
+    only hold all of the update norm."""
     import prune_fit
 
     curves = {label: prune_fit.fit_curve("deep", 0, label, steps=3, every=3, probe=16, length=12)
@@ -184,5 +197,9 @@ def test_prune_fit_curve_starts_at_the_base_and_both_probes_learn(recovery, monk
         assert points[0]["planted"] == 0 and 0 < points[1]["planted"] < 1
     assert curves["soft"][1]["kl"] < curves["soft"][0]["kl"]
     assert curves["sampled"][0]["kl"] == pytest.approx(curves["soft"][0]["kl"])
-    text = prune_fit.table([{"scenario": "deep", "label": k, "points": v} for k, v in curves.items()], ["deep"])
+    text = prune_fit.table([{"scenario": "deep", "label": k, "points": v} for k, v in curves.items()])
     assert "| deep sampled | deep soft |" in text and text.count("\n") == 3
+    only = prune_fit.fit_curve("deep", 0, "soft", steps=3, every=3, probe=16, length=12, maps="planted")
+    assert only[0]["planted"] == 0 and only[1]["planted"] == 1  # adapters on the planted maps alone
+    row = {"scenario": "deep", "label": "soft", "maps": "planted", "probe": 16, "points": only}
+    assert "| step | deep soft planted-only @16 |" in prune_fit.table([row])
