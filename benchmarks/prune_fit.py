@@ -10,14 +10,16 @@ on the search's own validation split, and the share of the adapters' update norm
 maps. ``sampled``: cross-entropy to the sampled labels (what the search sees on ``recovery.py``'s default rows);
 ``soft``: the KL itself (its ``/soft`` rows). Mean over seeds.
 
-``--maps planted`` trains the same adapters on the planted maps only: what the oracle's maps can learn from the
-same probe. Where they fit the teacher no better than adapters on all maps, nothing that scores a set of maps by
-how well its adapters fit the probe (``prune``'s held-out ablations, any held-out criterion) can prefer the
-planted set. ``--probe N`` sets the number of probe texts (``recovery.texts``' first N).
+``--maps planted`` trains the same adapters on the planted maps only, ``--maps other`` on as many maps drawn at
+random (seeded by the seed) from the others: whether the planted set fits the probe better than all maps because it
+is the right set or only because it is a small one. ``--probe N`` sets the number of probe texts
+(``recovery.texts``' first N).
 
     PYTHONPATH=. python benchmarks/prune_fit.py --seeds 0 1 2 --out benchmarks/results/prune-fit.json  # ≈ 10 min
-    PYTHONPATH=. python benchmarks/prune_fit.py --maps all planted --probe 256 1024 4096 --scenarios middle deep \
-        --out benchmarks/results/prune-fit-maps.json
+    PYTHONPATH=. python benchmarks/prune_fit.py --maps all planted --probe 256 2048 --scenarios middle deep \
+        --out benchmarks/results/prune-fit-maps.json                                          # ≈ 25 min
+    PYTHONPATH=. python benchmarks/prune_fit.py --maps other --labels sampled --probe 256 2048 \
+        --scenarios middle deep --out benchmarks/results/prune-fit-other.json
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ PRUNE = moela.allocator("prune").options  # the search's defaults: rank, lr, bat
 def fit_curve(scenario: str, seed: int, label: str, *, steps: int, every: int, probe: int = recovery.PROBE,
               length: int = 48, maps: str = "all") -> list[dict]:
     """``[{step, kl, planted}]`` every ``every`` steps (and at ``steps``) of one warm-up (module docstring) with
-    adapters on ``maps``: ``"all"`` targets or the ``"planted"`` ones."""
+    adapters on ``maps``: ``"all"`` targets, the ``"planted"`` ones, or as many ``"other"`` maps (module docstring)."""
     ids = recovery.texts(probe, length)
     teacher, planted = recovery.make_teacher(scenario, 0.3)
     logp = recovery.teacher_targets(teacher, ids)
@@ -52,7 +54,7 @@ def fit_curve(scenario: str, seed: int, label: str, *, steps: int, every: int, p
     model = recovery.load_base()
     train, val = holdout(data, PRUNE["val_fraction"], PRUNE["batch_size"], seed, pad_id(model), probe)
     points = []
-    with swapped(model, find_targets(model, "all-linear") if maps == "all" else list(planted),
+    with swapped(model, adapted_maps(find_targets(model, "all-linear"), planted, maps, seed),
                  lambda base: LoraMoELinear(base, [PRUNE["rank"]], top_k=1), seed) as layers:
         params = [p for layer in layers.values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
         optimizer = torch.optim.AdamW(params, lr=PRUNE["lr"], weight_decay=0.0)
@@ -78,9 +80,20 @@ def fit_curve(scenario: str, seed: int, label: str, *, steps: int, every: int, p
     return points
 
 
+def adapted_maps(names: list[str], planted: dict[str, int], maps: str, seed: int) -> list[str]:
+    """The maps that get adapters: every one, the planted ones, or as many of the others drawn with ``seed``."""
+    if maps == "all":
+        return names
+    if maps == "planted":
+        return [n for n in names if n in planted]
+    others = [n for n in names if n not in planted]
+    drawn = set(np.random.default_rng(seed).choice(len(others), len(planted), replace=False).tolist())
+    return [n for i, n in enumerate(others) if i in drawn]
+
+
 def column(row: dict) -> str:
     """A curve's column name: scenario and label, then the maps and probe size where they are not the defaults."""
-    maps = "" if row.get("maps", "all") == "all" else " planted-only"
+    maps = {"all": "", "planted": " planted-only", "other": " other"}[row.get("maps", "all")]
     probe = "" if row.get("probe", recovery.PROBE) == recovery.PROBE else f" @{row['probe']}"
     return f"{row['scenario']} {row['label']}{maps}{probe}"
 
@@ -107,8 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=220, help="prune's defaults: 100 warm-up + 6 rounds × 20 refit")
     parser.add_argument("--every", type=int, default=20)
     parser.add_argument("--labels", nargs="+", default=list(LABELS), choices=LABELS)
-    parser.add_argument("--maps", nargs="+", default=["all"], choices=("all", "planted"),
-                        help="adapters on every map or on the planted ones only")
+    parser.add_argument("--maps", nargs="+", default=["all"], choices=("all", "planted", "other"),
+                        help="adapters on every map, on the planted ones, or on as many others")
     parser.add_argument("--probe", nargs="+", type=int, default=[recovery.PROBE], help="probe texts")
     parser.add_argument("--out", type=Path, help="also write the curves as JSON")
     args = parser.parse_args(argv)

@@ -203,3 +203,7 @@ def test_prune_fit_curve_starts_at_the_base_and_both_probes_learn(recovery, monk
     assert only[0]["planted"] == 0 and only[1]["planted"] == 1  # adapters on the planted maps alone
     row = {"scenario": "deep", "label": "soft", "maps": "planted", "probe": 16, "points": only}
     assert "| step | deep soft planted-only @16 |" in prune_fit.table([row])
+    names, planted = ["a", "b", "c", "d", "e"], {"b": 8, "d": 8}
+    other = prune_fit.adapted_maps(names, planted, "other", seed=0)
+    assert len(other) == 2 and not set(other) & set(planted)  # as many maps, none planted
+    assert prune_fit.adapted_maps(names, planted, "planted", seed=0) == ["b", "d"]
