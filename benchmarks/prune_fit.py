@@ -19,7 +19,7 @@ is the right set or only because it is a small one. ``--probe N`` sets the numbe
     PYTHONPATH=. python benchmarks/prune_fit.py --maps all planted --probe 256 2048 --scenarios middle deep \
         --out benchmarks/results/prune-fit-maps.json                                          # ≈ 25 min
     PYTHONPATH=. python benchmarks/prune_fit.py --maps other --labels sampled --probe 256 2048 \
-        --scenarios middle deep --out benchmarks/results/prune-fit-other.json
+        --scenarios middle deep --out benchmarks/results/prune-fit-other.json                  # ≈ 8 min
 """
 
 from __future__ import annotations

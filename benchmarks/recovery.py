@@ -431,7 +431,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gamma", type=float, default=0.3, help="planted spectral norm relative to ‖W‖_2")
     parser.add_argument("--train", type=int, default=512)
     parser.add_argument("--val", type=int, default=128)
-    parser.add_argument("--probe", type=int, default=PROBE, help="texts the data-driven allocators see: the first of the students' --train texts, "
+    parser.add_argument("--probe", type=int, default=PROBE,
+                        help="texts the data-driven allocators see: the first of the students' --train texts, "
                              "then (beyond --train) texts that neither the students nor the held-out set use")
     parser.add_argument("--samples", type=int, default=1,
                         help="labels drawn from the teacher per probe text (methods are reported as NAME×S when > 1)")

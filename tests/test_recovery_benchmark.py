@@ -187,7 +187,7 @@ def test_prune_fit_curve_starts_at_the_base_and_both_probes_learn(recovery, monk
     """benchmarks/prune_fit.py: the warm-up adapters start at the base model (B = 0, no update norm) whatever
     the probe, both probes train them, and a few steps on the teacher's distributions lower the held-out KL (on
     12 texts of 12 tokens sampled labels may not); the table reports both probes; adapters on the planted maps
-    only hold all of the update norm."""
+    only hold all of the update norm, and the "other" maps are as many, none of them planted."""
     import prune_fit
 
     curves = {label: prune_fit.fit_curve("deep", 0, label, steps=3, every=3, probe=16, length=12)
