@@ -83,6 +83,29 @@ def test_decode_profile_counts_every_adapted_module_per_token():
     assert ops["aten::topk"][0] == len(decode_profile.speed.PROJECTIONS) * args.layers * forwards
 
 
+def test_sibling_routing_equals_moela_per_module_routing():
+    """benchmarks/sibling_routing.py: one routing pass for q, k, v (and gate, up) gives moela's outputs, whose
+    adapters contribute; every variant is timed."""
+    sibling_routing = load("sibling_routing")
+    args = sibling_routing.speed.parse(["--hidden", "32", "--intermediate", "48", "--layers", "2", "--heads", "4",
+                                        "--vocab", "97", "--threads", "1"])
+    model = sibling_routing.speed.build("uniform", args)[0].eval()
+    x = torch.randn(3, 1, 32)
+    with torch.no_grad():
+        for name, (_, children) in sibling_routing.GROUPS.items():
+            layers = sibling_routing.group(model, name)
+            for layer in layers:
+                layer.lora_B.weight.normal_()
+            fused = sibling_routing.fused(layers)(x)
+            assert len(fused) == len(children)
+            for layer, out in zip(layers, fused):
+                torch.testing.assert_close(out, layer(x))
+                assert not torch.allclose(out, layer.base_layer(x))  # the adapter contributes
+        fns = sibling_routing.variants(args)["q,k,v"]
+        assert {k: len(v) for k, v in sibling_routing.timings(fns, x, 1, 1).items()} == {"peft": 1, "moela": 1,
+                                                                                       "fused": 1}
+
+
 def test_allocation_scale_counts_prune_rounds_as_the_allocator_runs_them():
     allocation_scale = load("allocation_scale")
     torch.manual_seed(0)

@@ -1,0 +1,115 @@
+"""Decode cost of one block's adapted projections at one token, and what routing the modules that read the same
+input together would save (issue 15, item 1: a measured lead, not a library path).
+
+In a Llama block q, k and v read the same hidden state, and so do gate and up. moela routes each module on its own:
+per module one GEMM for ``A``, one for the router ``G``, top-k, softmax, the scatter into the slot gates and the
+gate-to-column GEMM. ``fused`` routes a sibling group at once: one GEMM for ``[A_q; A_k; A_v; G_q; G_k; G_v]``, one
+top-k and softmax over (tokens, modules, experts), one gate expansion, then each module's base layer and ``B``.
+Its outputs are checked against moela's before timing. Times: µs per call of a whole group (block 0 of
+``speed.py``'s model, uniform plan, PEFT LoRA at equal budget, adapters in eval mode without autograd), medians of
+interleaved rounds; ratios are medians of per-round ratios.
+
+    PYTHONPATH=. python benchmarks/sibling_routing.py           # ≈ 1 min; speed.py's size options apply
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed  # noqa: E402  (benchmarks/speed.py: model and variants)
+
+ROUNDS = 15
+GROUPS = {"q,k,v": ("self_attn", ("q_proj", "k_proj", "v_proj")), "gate,up": ("mlp", ("gate_proj", "up_proj"))}
+
+
+def group(model: torch.nn.Module, name: str) -> list[torch.nn.Module]:
+    """Block 0's adapted modules of sibling group ``name`` (:data:`GROUPS`)."""
+    parent, children = GROUPS[name]
+    block = next(m for path, m in model.named_modules() if path.endswith(f"layers.0.{parent}"))
+    return [getattr(block, child) for child in children]
+
+
+def fused(layers: list) -> Callable:
+    """The group's outputs from one routing pass (module docstring); the layers need equal ranks and top-k
+    routing without null experts."""
+    first = layers[0]
+    assert all(l.ranks == first.ranks and l.top_k == first.top_k and l.top_p is None and not l.num_null
+               for l in layers), "fused routing needs equal plans"
+    rank, slots, count = sum(first.ranks), first.num_slots, len(layers)
+    weight = torch.cat([l.lora_A.weight for l in layers] + [l.router.weight for l in layers])
+    bases, column_map = [l.base_layer for l in layers], first.column_map
+    outs = [l.lora_B.weight for l in layers]
+
+    def run(x: torch.Tensor) -> list[torch.Tensor]:
+        z = F.linear(x, weight)
+        h = z[..., :count * rank].unflatten(-1, (count, rank))
+        logits = z[..., count * rank:].unflatten(-1, (count, slots))
+        top, index = logits.topk(first.top_k, dim=-1)
+        gates = torch.zeros_like(logits).scatter_(-1, index, top.softmax(-1))
+        h = h * (gates @ column_map)
+        return [base(x) + F.linear(h[..., i, :], b) for i, (base, b) in enumerate(zip(bases, outs))]
+
+    return run
+
+
+def variants(args) -> dict[str, dict[str, Callable]]:
+    """{group: {variant: x ↦ outputs}} for ``peft``, ``moela`` and ``fused``; moela's ``B`` random so that the
+    adapters contribute."""
+    peft_model = speed.build("peft", args)[0].eval()
+    moela_model = speed.build("uniform", args)[0].eval()
+    with torch.no_grad():
+        for p in (p for n, p in moela_model.named_parameters() if "lora_B" in n):
+            p.normal_(0, 0.02)
+    out = {}
+    for name in GROUPS:
+        peft_layers, moela_layers = group(peft_model, name), group(moela_model, name)
+        out[name] = {"peft": lambda x, ls=peft_layers: [l(x) for l in ls],
+                     "moela": lambda x, ls=moela_layers: [l(x) for l in ls],
+                     "fused": fused(moela_layers)}
+    return out
+
+
+def timings(fns: dict[str, Callable], x: torch.Tensor, rounds: int, calls: int) -> dict[str, list[float]]:
+    """µs per call of each variant, one value per round, variants interleaved."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn(x)
+            times[name].append(1e6 * (time.perf_counter() - start) / calls)
+    return times
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    rounds = ROUNDS
+    args = speed.parse(argv)
+    torch.set_num_threads(args.threads)
+    print(f"# one token, batch {args.gen_batches}, hidden {args.hidden}, {args.threads} threads, torch "
+          f"{torch.__version__}; µs per group call, median of {rounds} rounds")
+    print("| batch | group | PEFT LoRA | moela | fused | moela / PEFT | fused / PEFT | fused max abs diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    with torch.no_grad():
+        for size in args.gen_batches:
+            x = torch.randn(size, 1, args.hidden, device=args.device, dtype=speed.DTYPES[args.dtype])
+            for name, fns in variants(args).items():
+                diff = max(float((a - b).abs().max()) for a, b in zip(fns["moela"](x), fns["fused"](x)))
+                timings(fns, x, 1, 200)  # warm-up
+                t = timings(fns, x, rounds, 1000)
+                med = {k: statistics.median(v) for k, v in t.items()}
+                ratio = {k: statistics.median(a / b for a, b in zip(t[k], t["peft"])) for k in ("moela", "fused")}
+                print(f"| {size} | {name} | {med['peft']:.1f} | {med['moela']:.1f} | {med['fused']:.1f} | "
+                      f"{ratio['moela']:.3f} | {ratio['fused']:.3f} | {diff:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
