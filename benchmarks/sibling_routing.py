@@ -98,10 +98,11 @@ def main(argv: list[str] | None = None) -> None:
           f"{torch.__version__}; µs per group call, median of {rounds} rounds")
     print("| batch | group | PEFT LoRA | moela | fused | moela / PEFT | fused / PEFT | fused max abs diff |")
     print("|---|---|---|---|---|---|---|---|")
+    groups = variants(args)
     with torch.no_grad():
         for size in args.gen_batches:
             x = torch.randn(size, 1, args.hidden, device=args.device, dtype=speed.DTYPES[args.dtype])
-            for name, fns in variants(args).items():
+            for name, fns in groups.items():
                 diff = max(float((a - b).abs().max()) for a, b in zip(fns["moela"](x), fns["fused"](x)))
                 timings(fns, x, 1, 200)  # warm-up
                 t = timings(fns, x, rounds, 1000)
