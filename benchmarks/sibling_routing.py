@@ -3,8 +3,9 @@ input together would save (issue 15, item 1: a measured lead, not a library path
 
 In a Llama block q, k and v read the same hidden state, and so do gate and up. moela routes each module on its own:
 per module one GEMM for ``A``, one for the router ``G``, top-k, softmax, the scatter into the slot gates and the
-gate-to-column GEMM. ``fused`` routes a sibling group at once: one GEMM for ``[A_q; A_k; A_v; G_q; G_k; G_v]``, one
-top-k and softmax over (tokens, modules, experts), one gate expansion, then each module's base layer and ``B``.
+gate-to-column GEMM. ``fused`` routes a sibling group at once: one GEMM for ``[A_q; A_k; A_v; G_q; G_k; G_v]``,
+the layer's own routing (top-k, softmax, dense gates) once over (tokens, modules, experts), one gate expansion,
+then each module's base layer and ``B``.
 Its outputs are checked against moela's before timing. Times: µs per call of a whole group (block 0 of
 ``speed.py``'s model, uniform plan, PEFT LoRA at equal budget, adapters in eval mode without autograd), medians of
 interleaved rounds; ratios are medians of per-round ratios.
@@ -38,10 +39,11 @@ def group(model: torch.nn.Module, name: str) -> list[torch.nn.Module]:
 
 
 def fused(layers: list) -> Callable:
-    """The group's outputs from one routing pass (module docstring); the layers need equal ranks and top-k
-    routing without null experts."""
+    """The group's outputs from one routing pass (module docstring), with the first layer's own routing
+    (``_select``) on the stacked logits; the layers need equal column maps (experts, ranks, scales) and routing."""
     first = layers[0]
-    assert all(l.ranks == first.ranks and l.top_k == first.top_k and l.top_p is None and not l.num_null
+    assert all(torch.equal(l.column_map, first.column_map)
+               and (l.top_k, l.top_p, l.max_k) == (first.top_k, first.top_p, first.max_k)
                for l in layers), "fused routing needs equal plans"
     rank, slots, count = sum(first.ranks), first.num_slots, len(layers)
     weight = torch.cat([l.lora_A.weight for l in layers] + [l.router.weight for l in layers])
@@ -51,9 +53,7 @@ def fused(layers: list) -> Callable:
     def run(x: torch.Tensor) -> list[torch.Tensor]:
         z = F.linear(x, weight)
         h = z[..., :count * rank].unflatten(-1, (count, rank))
-        logits = z[..., count * rank:].unflatten(-1, (count, slots))
-        top, index = logits.topk(first.top_k, dim=-1)
-        gates = torch.zeros_like(logits).scatter_(-1, index, top.softmax(-1))
+        gates = first._select(z[..., count * rank:].unflatten(-1, (count, slots))).gates()
         h = h * (gates @ column_map)
         return [base(x) + F.linear(h[..., i, :], b) for i, (base, b) in enumerate(zip(bases, outs))]
 
