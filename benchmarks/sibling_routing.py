@@ -1,14 +1,13 @@
-"""Decode cost of one block's adapted projections at one token, and what routing the modules that read the same
-input together would save (issue 15, item 1: a measured lead, not a library path).
+"""Decode cost of one block's sibling modules at one token: PEFT LoRA, moela routing each module alone, and moela
+routing the group in one pass (:mod:`moela.siblings`, the default in inference).
 
-In a Llama block q, k and v read the same hidden state, and so do gate and up. moela routes each module on its own:
-per module one GEMM for ``A``, one for the router ``G``, top-k, softmax, the scatter into the slot gates and the
-gate-to-column GEMM. ``fused`` routes a sibling group at once: one GEMM for ``[A_q; A_k; A_v; G_q; G_k; G_v]``,
-the layer's own routing (top-k, softmax, dense gates) once over (tokens, modules, experts), one gate expansion,
-then each module's base layer and ``B``.
-Its outputs are checked against moela's before timing. Times: µs per call of a whole group (block 0 of
-``speed.py``'s model, uniform plan, PEFT LoRA at equal budget, adapters in eval mode without autograd), medians of
-interleaved rounds; ratios are medians of per-round ratios.
+In a Llama block q, k and v read the same hidden state, and so do gate and up. Alone, moela routes each module on
+its own: per module one GEMM for ``A``, one for the router ``G``, top-k, softmax, the scatter into the slot gates
+and the gate-to-column GEMM. With sibling routing the first module called computes the group: one GEMM for
+``[A_q; A_k; A_v; G_q; G_k; G_v]``, the routing once over (tokens, modules, experts), one gate expansion, each
+module's ``B``; the others take their outputs. Times: µs per call of a whole group (block 0 of ``speed.py``'s
+model, uniform plan, PEFT LoRA at equal budget, eval mode without autograd), medians of interleaved rounds; ratios
+are medians of per-round ratios; the last column is the largest difference between the two moela paths.
 
     PYTHONPATH=. python benchmarks/sibling_routing.py           # ≈ 1 min; speed.py's size options apply
 """
@@ -22,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402  (benchmarks/speed.py: model and variants)
@@ -38,30 +36,8 @@ def group(model: torch.nn.Module, name: str) -> list[torch.nn.Module]:
     return [getattr(block, child) for child in children]
 
 
-def fused(layers: list) -> Callable:
-    """The group's outputs from one routing pass (module docstring), with the first layer's own routing
-    (``_select``) on the stacked logits; the layers need equal column maps (experts, ranks, scales) and routing."""
-    first = layers[0]
-    assert all(torch.equal(l.column_map, first.column_map)
-               and (l.top_k, l.top_p, l.max_k) == (first.top_k, first.top_p, first.max_k)
-               for l in layers), "fused routing needs equal plans"
-    rank, slots, count = sum(first.ranks), first.num_slots, len(layers)
-    weight = torch.cat([l.lora_A.weight for l in layers] + [l.router.weight for l in layers])
-    bases, column_map = [l.base_layer for l in layers], first.column_map
-    outs = [l.lora_B.weight for l in layers]
-
-    def run(x: torch.Tensor) -> list[torch.Tensor]:
-        z = F.linear(x, weight)
-        h = z[..., :count * rank].unflatten(-1, (count, rank))
-        gates = first._select(z[..., count * rank:].unflatten(-1, (count, slots))).gates()
-        h = h * (gates @ column_map)
-        return [base(x) + F.linear(h[..., i, :], b) for i, (base, b) in enumerate(zip(bases, outs))]
-
-    return run
-
-
 def variants(args) -> dict[str, dict[str, Callable]]:
-    """{group: {variant: x ↦ outputs}} for ``peft``, ``moela`` and ``fused``; moela's ``B`` random so that the
+    """{group: {variant: x ↦ outputs}} for ``peft``, ``alone`` and ``siblings``; moela's ``B`` random so that the
     adapters contribute."""
     peft_model = speed.build("peft", args)[0].eval()
     moela_model = speed.build("uniform", args)[0].eval()
@@ -72,9 +48,18 @@ def variants(args) -> dict[str, dict[str, Callable]]:
     for name in GROUPS:
         peft_layers, moela_layers = group(peft_model, name), group(moela_model, name)
         out[name] = {"peft": lambda x, ls=peft_layers: [l(x) for l in ls],
-                     "moela": lambda x, ls=moela_layers: [l(x) for l in ls],
-                     "fused": fused(moela_layers)}
+                     "alone": lambda x, ls=moela_layers: alone(ls, x),
+                     "siblings": lambda x, ls=moela_layers: [l(x) for l in ls]}
     return out
+
+
+def alone(layers: list, x: torch.Tensor) -> list[torch.Tensor]:
+    """The group's outputs with sibling routing off for the call."""
+    layers[0].siblings.enabled = False
+    try:
+        return [layer(x) for layer in layers]
+    finally:
+        layers[0].siblings.enabled = True
 
 
 def timings(fns: dict[str, Callable], x: torch.Tensor, rounds: int, calls: int) -> dict[str, list[float]]:
@@ -96,20 +81,20 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     print(f"# one token, batch {args.gen_batches}, hidden {args.hidden}, {args.threads} threads, torch "
           f"{torch.__version__}; µs per group call, median of {rounds} rounds")
-    print("| batch | group | PEFT LoRA | moela | fused | moela / PEFT | fused / PEFT | fused max abs diff |")
+    print("| batch | group | PEFT LoRA | moela alone | moela siblings | alone / PEFT | siblings / PEFT | max abs diff |")
     print("|---|---|---|---|---|---|---|---|")
     groups = variants(args)
     with torch.no_grad():
         for size in args.gen_batches:
             x = torch.randn(size, 1, args.hidden, device=args.device, dtype=speed.DTYPES[args.dtype])
             for name, fns in groups.items():
-                diff = max(float((a - b).abs().max()) for a, b in zip(fns["moela"](x), fns["fused"](x)))
+                diff = max(float((a - b).abs().max()) for a, b in zip(fns["alone"](x), fns["siblings"](x)))
                 timings(fns, x, 1, 200)  # warm-up
                 t = timings(fns, x, rounds, 1000)
                 med = {k: statistics.median(v) for k, v in t.items()}
-                ratio = {k: statistics.median(a / b for a, b in zip(t[k], t["peft"])) for k in ("moela", "fused")}
-                print(f"| {size} | {name} | {med['peft']:.1f} | {med['moela']:.1f} | {med['fused']:.1f} | "
-                      f"{ratio['moela']:.3f} | {ratio['fused']:.3f} | {diff:.1e} |", flush=True)
+                ratio = {k: statistics.median(a / b for a, b in zip(t[k], t["peft"])) for k in ("alone", "siblings")}
+                print(f"| {size} | {name} | {med['peft']:.1f} | {med['alone']:.1f} | {med['siblings']:.1f} | "
+                      f"{ratio['alone']:.3f} | {ratio['siblings']:.3f} | {diff:.1e} |", flush=True)
 
 
 if __name__ == "__main__":
