@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     print(f"# one token, batch {args.gen_batches}, hidden {args.hidden}, {args.threads} threads, torch "
           f"{torch.__version__}; µs per group call, median of {rounds} rounds")
-    print("| batch | group | PEFT LoRA | moela alone | moela siblings | alone / PEFT | siblings / PEFT | max abs diff |")
+    print("| batch | group | PEFT LoRA | moela alone | moela siblings | alone / PEFT | siblings / PEFT "
+          "| max abs diff |")
     print("|---|---|---|---|---|---|---|---|")
     groups = variants(args)
     with torch.no_grad():

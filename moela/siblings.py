@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .layer import RouterStats
+from .layer import RouterStats, Routing
 
 if TYPE_CHECKING:
     from .layer import LoraMoELinear
@@ -30,10 +30,12 @@ class SiblingGroup:
 
     Correctness does not rest on the names that grouped them: a member uses a stored output only for the very
     tensor object it was computed from, at the same version (no in-place change since), and with its weights
-    unchanged (same storage and version); the stacked weights are rebuilt whenever one of them changes. A member called with a new input
-    while outputs for another one are still waiting means the members are not called together (e.g. a
-    cross-attention's keys from the encoder): the group switches itself off (``enabled``), and every member
-    computes alone from then on. Outputs equal the module-by-module path up to the GEMMs' rounding.
+    unchanged (same storage and version); the stacked weights (a copy of the members' ``A`` and router weights)
+    are rebuilt whenever one of them changes. A member called with a new input while outputs for another one
+    are still waiting means the members are not called together (e.g. a cross-attention's keys from the encoder,
+    or a member that cannot take the inference path, such as one with hooks on its adapter): the group switches
+    itself off (``enabled``), and every member computes alone from then on. Outputs equal the module-by-module
+    path up to the GEMMs' rounding.
     """
 
     def __init__(self, layers: Iterable[LoraMoELinear]):
@@ -42,6 +44,8 @@ class SiblingGroup:
         first = self.layers[0]
         # Equal plans and routing: one routing pass over (tokens, members, slots) and one gate expansion.
         self.shared_routing = all(layer.routed and _routing_key(layer) == _routing_key(first) for layer in self.layers)
+        self._ranks = [sum(layer.ranks) for layer in self.layers]
+        self._rank = sum(self._ranks)
         # (input, its version, {layer: (output, layer's weights key)}): what the other members will take
         self._pending: tuple[torch.Tensor, int, dict] | None = None
         self._stack: tuple | None = None  # (key, weights kept alive, stacked A and G or one stack of both)
@@ -60,8 +64,8 @@ class SiblingGroup:
             if pending[0] is not x:  # outputs for another input still wait: the members do not share their input
                 self.enabled = False
             self._pending = None
-        if not self.enabled or x.is_inference() or torch.compiler.is_compiling() or not all(
-                member is layer or (not member.disabled and member._inferable(x)) for member in self.layers):
+        if not self.enabled or x.is_inference() or torch.compiler.is_compiling() or any(
+                member.disabled for member in self.layers):
             return None
         outputs = self._outputs(x)
         if outputs is None:
@@ -76,10 +80,10 @@ class SiblingGroup:
         if stack is None:
             return None
         weight, weight_A, weight_G = stack
-        layers, ranks = self.layers, [sum(layer.ranks) for layer in self.layers]
+        layers, ranks, rank = self.layers, self._ranks, self._rank
         if weight is not None:
             z = F.linear(_cast(x, weight.dtype), weight)
-            h, logits = z[..., :sum(ranks)], z[..., sum(ranks):]
+            h, logits = z[..., :rank], z[..., rank:]
         else:
             h = F.linear(_cast(x, weight_A.dtype), weight_A)
             logits = None if weight_G is None else F.linear(_cast(x, weight_G.dtype), weight_G)
@@ -88,18 +92,16 @@ class SiblingGroup:
             parts = logits.split(slots, -1) if logits is not None else [None] * len(layers)
             return {layer: layer._adapter_output(part, None if not layer.routed else logit)
                     for layer, part, logit in zip(layers, h.split(ranks, -1), parts)}
-        first = layers[0]
-        routing = first._select(logits.unflatten(-1, (len(layers), first.num_slots)))
+        first, count = layers[0], len(layers)
+        routing = first._select(logits.unflatten(-1, (count, first.num_slots)))
         gates, column_map = routing.gates(), first._buffers["column_map"]
         gates = gates @ (column_map if column_map.dtype == gates.dtype else column_map.to(gates.dtype))
-        h = h.unflatten(-1, (len(layers), ranks[0]))
+        h = h.unflatten(-1, (count, ranks[0]))
         h = h * (gates if gates.dtype == h.dtype else gates.to(h.dtype))
         outputs = {}
-        for i, layer in enumerate(layers):
-            layer._record(RouterStats(routing.logits[..., i, :],
-                                      indices=None if routing.indices is None else routing.indices[..., i, :],
-                                      chosen=None if routing.chosen is None else routing.chosen[..., i, :]))
-            outputs[layer] = F.linear(h[..., i, :], layer._modules["lora_B"]._parameters["weight"])
+        for i, (layer, part) in enumerate(zip(layers, h.unbind(-2))):
+            layer._record(_MemberStats(routing, i))
+            outputs[layer] = F.linear(part, layer._modules["lora_B"]._parameters["weight"])
         return outputs
 
     def _stacked(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None:
@@ -124,6 +126,25 @@ class SiblingGroup:
         return self._stack[2]
 
 
+class _MemberStats(RouterStats):
+    """Member ``member``'s :class:`RouterStats`, sliced from the group's ``routing`` when first read (decoding
+    rarely reads them; slicing every forward would cost about as much as routing)."""
+
+    __slots__ = ("_routing", "_member")
+
+    def __init__(self, routing: Routing, member: int):
+        self._routing, self._member = routing, member
+
+    def __getattr__(self, name: str):  # only called while RouterStats' own slots are unset
+        if name not in RouterStats.__slots__:
+            raise AttributeError(name)
+        routing, i = self._routing, self._member
+        RouterStats.__init__(self, routing.logits[..., i, :],
+                             indices=None if routing.indices is None else routing.indices[..., i, :],
+                             chosen=None if routing.chosen is None else routing.chosen[..., i, :])
+        return getattr(self, name)
+
+
 def group_siblings(layers: dict[str, LoraMoELinear]) -> list[SiblingGroup]:
     """Group the layers of ``{module path: layer}`` that are siblings by name (:data:`SIBLING_NAMES`: two or
     more of one family under one parent) and attach each group to its members (``layer.siblings``)."""
@@ -146,10 +167,10 @@ def _join(parent: str, name: str) -> str:
 def _key(layer: LoraMoELinear) -> tuple:
     """Identifies the current values of ``layer``'s adapter weights (storage address and version of each)."""
     modules = layer._modules
+    a, b = modules["lora_A"]._parameters["weight"], modules["lora_B"]._parameters["weight"]
     router = modules.get("router")
-    return (modules["lora_A"]._parameters["weight"]._version, modules["lora_A"]._parameters["weight"].data_ptr(),
-            modules["lora_B"]._parameters["weight"]._version, modules["lora_B"]._parameters["weight"].data_ptr(),
-            None if router is None else (router._parameters["weight"]._version, router._parameters["weight"].data_ptr()))
+    g = a if router is None else router._parameters["weight"]
+    return a._version, a.data_ptr(), b._version, b.data_ptr(), g._version, g.data_ptr()
 
 
 def _routing_key(layer: LoraMoELinear) -> tuple:

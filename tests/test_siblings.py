@@ -58,7 +58,8 @@ def test_siblings_are_grouped_by_name():
              for g in groups}
     assert names == {("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")}
     assert len(groups) == 2 * llama.config.num_hidden_layers
-    assert all(layer.siblings is None for path, layer in moela.moela_layers(llama) if path.endswith(("o_proj", "down_proj")))
+    assert all(layer.siblings is None for path, layer in moela.moela_layers(llama)
+               if path.endswith(("o_proj", "down_proj")))
     bert = tiny_model("bert")
     moela.inject(bert, AllocationPlan.uniform(bert, ["query", "key", "value"], experts=2, rank=2, top_k=1))
     assert all(len(layer.siblings.layers) == 3 for _, layer in moela.moela_layers(bert))
