@@ -30,11 +30,11 @@ class SiblingGroup:
 
     Correctness does not rest on the names that grouped them: a member uses a stored output only for the very
     tensor object it was computed from, at the same version (no in-place change since), and with its weights
-    unchanged (same storage and version); the stacked weights (a copy of the members' ``A`` and router weights)
-    are rebuilt whenever one of them changes. A member called with a new input while outputs for another one
-    are still waiting means the members are not called together (e.g. a cross-attention's keys from the encoder,
-    or a member that cannot take the inference path, such as one with hooks on its adapter): the group switches
-    itself off (``enabled``), and every member computes alone from then on. Outputs equal the module-by-module
+    unchanged (same storage and version); the members' weights are stacked anew for every input. A member
+    called with a new input while outputs for another one are still waiting means the members are not called
+    together (e.g. a cross-attention's keys from the encoder, or a member that cannot take the inference path,
+    such as one with hooks on its adapter): the group switches itself off (``enabled``), and every member
+    computes alone from then on. Outputs equal the module-by-module
     path up to the GEMMs' rounding.
     """
 
@@ -48,7 +48,6 @@ class SiblingGroup:
         self._rank = sum(self._ranks)
         # (input, its version, {layer: (output, layer's weights key)}): what the other members will take
         self._pending: tuple[torch.Tensor, int, dict] | None = None
-        self._stack: tuple | None = None  # (key, weights kept alive, stacked A and G or one stack of both)
 
     def output(self, layer: LoraMoELinear, x: torch.Tensor) -> torch.Tensor | None:
         """``layer``'s adapter output ``B(A x ⊙ gates)`` for ``x`` (recording its ``last_stats``), computed with
@@ -105,25 +104,21 @@ class SiblingGroup:
         return outputs
 
     def _stacked(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None:
-        """(``[A_1; …; A_n; G_1; …]`` when the adapters and routers share a dtype, else None; the stacked ``A``s;
-        the stacked routers, None without any), rebuilt when a weight changed; None if the ``A``s (or the
-        routers) differ in dtype or device."""
+        """(``[A_1; …; A_n; G_1; …]`` when the adapters and routers share a dtype, else None; the stacked ``A``s
+        and the stacked routers, each None when in the first; the routers' also without any router) of the
+        current weights, or None if the ``A``s (or the routers) differ in dtype or device.
+
+        Stacked again on every call (a few µs, less than one GEMM): no copy outlives the call, so no change of the
+        weights can be missed, even one that does not bump their version (``.data`` writes, FSDP2's all-gather).
+        """
         params = [layer._modules["lora_A"]._parameters["weight"] for layer in self.layers]
         routers = [layer._modules["router"]._parameters["weight"] for layer in self.layers if layer.routed]
-        key = tuple((p.data_ptr(), p._version) for p in params + routers)
-        if self._stack is None or self._stack[0] != key:
-            # The detached weights share storage with the parameters: kept, no other tensor can reuse their address.
-            kept = [p.detach() for p in params + routers]
-            stacks = [group for group in (params, routers) if group]
-            if any(len({(p.dtype, p.device) for p in group}) > 1 for group in stacks):
-                self._stack = (key, kept, None)
-            else:
-                weight_A = torch.cat(params)
-                weight_G = torch.cat(routers) if routers else None
-                joint = weight_G is not None and weight_G.dtype == weight_A.dtype and weight_G.device == weight_A.device
-                self._stack = (key, kept, (torch.cat([weight_A, weight_G]) if joint else None,
-                                           None if joint else weight_A, None if joint else weight_G))
-        return self._stack[2]
+        kinds = {(p.dtype, p.device) for p in params}
+        if len(kinds) > 1 or len({(p.dtype, p.device) for p in routers}) > 1:
+            return None
+        if routers and (routers[0].dtype, routers[0].device) in kinds:
+            return torch.cat(params + routers), None, None
+        return None, torch.cat(params), torch.cat(routers) if routers else None
 
 
 class _MemberStats(RouterStats):
