@@ -17,9 +17,7 @@ summary line gives the geometric mean of the per-round ratios with its 95% t-int
 fresh subprocess per variant over two training steps: on CPU the growth of the peak resident set (VmHWM, reset
 after loading) over the loaded model, on CUDA the growth of ``max_memory_allocated``. Generation is greedy
 ``generate`` with the KV cache at each batch size of ``--gen-batches`` (default 1 and 8), interleaved over rounds
-like the steps; its ratio to PEFT is the median of per-round ratios of tokens/s. Generation is also timed for the
-``uniform`` model with sibling routing off (``uniform, modules alone``: q, k, v and gate, up each routed on its
-own), to show what routing them together (:mod:`moela.siblings`, the default) gains.
+like the steps; its ratio to PEFT is the median of per-round ratios of tokens/s.
 
 Run: ``python benchmarks/speed.py`` (about 3 minutes on 2 idle CPU threads; ``--quick`` for a 2-layer smoke run);
 ``--dtype bfloat16`` loads the model (and so the adapters; moela's router stays float32) in bf16; on a GPU:
@@ -50,7 +48,6 @@ from intervals import ci  # noqa: E402  (benchmarks/intervals.py)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 VARIANTS = ("peft", "uniform", "hetero", "loop")
-ALONE = "uniform, modules alone"  # generation only: the uniform model with sibling routing off
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HETERO = [[4, 4], [2, 2, 4, 4], [2, 2, 4, 4, 4, 4], [2, 2, 2, 2, 4, 4, 4, 4]]  # ranks by depth quarter
 BALANCE_COEF = 1e-3
@@ -139,17 +136,6 @@ def generate_fn(model, args, batch_size: int = 1):
     return run
 
 
-def modules_alone(model, run):
-    """``run`` with every module routed on its own (sibling routing off, :func:`moela.set_sibling_routing`)."""
-    def alone():
-        moela.set_sibling_routing(model, False)
-        try:
-            run()
-        finally:
-            moela.set_sibling_routing(model, True)
-    return alone
-
-
 def peak_memory(name: str, args) -> dict[str, float]:
     """Run in a fresh process: MiB of the loaded model and the peak growth over it during training steps."""
     model, _ = build(name, args)
@@ -231,12 +217,11 @@ def main(argv: list[str] | None = None) -> dict:
     generate_s = {}  # (variant, batch size) -> seconds per round
     for size in args.gen_batches:
         gens = {name: generate_fn(model.eval(), args, size) for name, (model, _) in built.items()}
-        gens[ALONE] = modules_alone(built["uniform"][0], gens["uniform"])
-        for name in gens:
+        for name in VARIANTS:
             gens[name]()  # warm-up
             generate_s[name, size] = []
         for _ in range(args.gen_rounds):
-            for name in gens:
+            for name in VARIANTS:
                 generate_s[name, size].append(timed(gens[name], args.device))
     memory = {name: memory_in_subprocess(name, argv) for name in VARIANTS}
     report(args, built, step_s, generate_s, memory, (load_before, os.getloadavg()[0]))
@@ -278,19 +263,13 @@ def report(args, built, step_s, generate_s, memory, load: tuple[float, float]) -
               f"{paired(step_s, name, 'loop'):8.3f}{gen} "
               f"{mem['loaded_mib']:10.1f} {mem['peak_mib']:9.1f} {mem['growth_mib']:10.1f} "
               f"{mem['growth_mib'] / memory['peft']['growth_mib']:8.3f}")
-    alone = "".join(f" {size * args.new_tokens / statistics.median(generate_s[ALONE, size]):14.1f} "
-                    f"{paired(generate_s, ('peft', size), (ALONE, size)):8.3f}" for size in args.gen_batches)
-    print(f"{ALONE} (generation only): {alone}")
     generation = ", ".join(f"batch {size} {interval(generate_s, ('peft', size), ('uniform', size))}"
                            for size in args.gen_batches)
-    siblings = ", ".join(f"batch {size} {interval(generate_s, (ALONE, size), ('uniform', size))}"
-                         for size in args.gen_batches)
     print(f"geometric means of per-round ratios [95% interval]: uniform step / peft = "
           f"{interval(step_s, 'uniform', 'peft')} (target <= 1.05 CPU, 1.10 GPU); loop / uniform = "
           f"{interval(step_s, 'loop', 'uniform')} (target >= 1.6 CPU, 3 GPU); uniform memory growth / peft = "
           f"{memory['uniform']['growth_mib'] / memory['peft']['growth_mib']:.3f} (target <= 1.10); uniform "
-          f"generation tokens/s / peft: {generation} (target >= 1); uniform generation tokens/s / {ALONE}: "
-          f"{siblings}")
+          f"generation tokens/s / peft: {generation} (target >= 1)")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ _EXPORTS = {
     "LoraMoELinear": "layer",
     "balance_loss": "model", "count_parameters": "model", "disable_adapters": "model", "inject": "model",
     "merge_and_unload": "model", "moela_layers": "model", "print_trainable_parameters": "model",
-    "set_balance_coef": "model", "set_sibling_routing": "model", "unload": "model",
+    "set_balance_coef": "model", "unload": "model",
     "MoelaModel": "moela_model", "get_moela_model": "moela_model",
     "compare": "pipeline", "run": "pipeline",
     "AllocationPlan": "plan", "ModulePlan": "plan", "find_targets": "plan",
@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .config import MoelaConfig
     from .layer import LoraMoELinear
     from .model import (balance_loss, count_parameters, disable_adapters, inject, merge_and_unload, moela_layers,
-                        print_trainable_parameters, set_balance_coef, set_sibling_routing, unload)
+                        print_trainable_parameters, set_balance_coef, unload)
     from .moela_model import MoelaModel, get_moela_model
     from .pipeline import compare, run
     from .plan import AllocationPlan, ModulePlan, find_targets

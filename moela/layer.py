@@ -151,7 +151,6 @@ class LoraMoELinear(nn.Module):
         self.token_mask: torch.Tensor | None = None
         self.last_stats: RouterStats | None = None
         self.last_balance: torch.Tensor | None = None
-        self.siblings = None  # a moela.siblings.SiblingGroup that routes this layer with its siblings in inference
 
         weight = base.weight
         factory = dict(device=weight.device, dtype=adapter_dtype or weight.dtype)
@@ -270,35 +269,24 @@ class LoraMoELinear(nn.Module):
 
         In decoding (a token or a few per call) ``nn.Module``'s attribute lookups and module calls cost about as
         much as the matmuls, so the submodules and their weights are read from its registries and the weights used
-        directly. A layer in a :class:`moela.siblings.SiblingGroup` takes its adapter output from the group when
-        the group computed it for this very input.
+        directly.
         """
         modules = self._modules
         y = modules["base_layer"](x)
         if self.disabled:
             return y
-        group = self.siblings
-        delta = None if group is None else group.output(self, x)
-        if delta is None:
-            weight_A, router = modules["lora_A"]._parameters["weight"], modules.get("router")
-            h = F.linear(x if x.dtype == weight_A.dtype else x.to(weight_A.dtype), weight_A)
-            logits = None
-            if router is not None:
-                weight_G = router._parameters["weight"]
-                logits = F.linear(x if x.dtype == weight_G.dtype else x.to(weight_G.dtype), weight_G)
-            delta = self._adapter_output(h, logits)
-        return y + (delta if delta.dtype == y.dtype else delta.to(y.dtype))
-
-    def _adapter_output(self, h: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
-        """``B (h ⊙ column gates)`` given ``h = A x̃`` and the router's ``logits`` (None without a router), in
-        inference; records ``last_stats``."""
-        if logits is None:
+        weight_A, router = modules["lora_A"]._parameters["weight"], modules.get("router")
+        h = F.linear(x if x.dtype == weight_A.dtype else x.to(weight_A.dtype), weight_A)
+        if router is None:
             self._record(None)
             gates = self._buffers["column_scale"]
         else:
-            gates = self._column_gates(self._select(logits))
-        return F.linear(h * (gates if gates.dtype == h.dtype else gates.to(h.dtype)),
-                        self._modules["lora_B"]._parameters["weight"])
+            weight_G = router._parameters["weight"]
+            gates = self._column_gates(self._select(F.linear(x if x.dtype == weight_G.dtype else x.to(weight_G.dtype),
+                                                             weight_G)))
+        delta = F.linear(h * (gates if gates.dtype == h.dtype else gates.to(h.dtype)),
+                         modules["lora_B"]._parameters["weight"])
+        return y + (delta if delta.dtype == y.dtype else delta.to(y.dtype))
 
     def _auxiliary_loss(self) -> torch.Tensor | None:
         """``balance_coef · L_bal`` of this forward (or None) to attach to the output; sets ``last_balance``."""

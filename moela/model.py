@@ -14,7 +14,6 @@ from .base_model import task_of
 from .config import MoelaConfig
 from .layer import LoraMoELinear
 from .plan import AllocationPlan
-from .siblings import group_siblings
 
 _MASK_ATTR = "_moela_attention_mask"
 # Output heads an encoder task trains with the adapter (PEFT's ``modules_to_save`` for sequence classification).
@@ -70,7 +69,6 @@ def inject(model: nn.Module, plan: AllocationPlan | MoelaConfig, alpha: float = 
                               adapter_dtype=adapter_dtype)
         model.set_submodule(name, layer)
     model.moela_config = config
-    group_siblings(dict(moela_layers(model)))
     object.__setattr__(model, "_moela_layers", [layer for _, layer in moela_layers(model)])  # not submodules
     set_balance_coef(model, config.balance_coef)
     object.__setattr__(model, "_moela_hook", model.register_forward_pre_hook(_capture_attention_mask, with_kwargs=True))
@@ -117,14 +115,6 @@ def set_balance_coef(model: nn.Module, coef: float) -> None:
     config.balance_coef = float(coef)
     for layer in routed:
         layer.balance_coef = config.balance_coef / (len(routed) if config.balance_reduction == "mean" else 1)
-
-
-def set_sibling_routing(model: nn.Module, enabled: bool) -> None:
-    """Route sibling modules (q, k, v; gate, up) together in inference (:mod:`moela.siblings`; the default) or
-    each on its own; switching on again also re-arms a group that switched itself off."""
-    for _, layer in moela_layers(model):
-        if layer.siblings is not None:
-            layer.siblings.enabled = enabled
 
 
 def located(name_or_path: str | None) -> str | None:

@@ -79,26 +79,8 @@ def test_decode_profile_counts_every_adapted_module_per_token():
                                        "--vocab", "97", "--prompt", "3", "--new-tokens", "3", "--threads", "1"])
     ops, wall_ms, forwards = decode_profile.op_table("uniform", args, 1)
     assert forwards == 3 and wall_ms > 0
-    # per forward (the prompt's and 2 decoding steps) one routing per sibling group (q, k, v; gate, up) and one for
-    # each of o and down
-    assert ops["aten::topk"][0] == 4 * args.layers * forwards
-
-
-def test_sibling_routing_times_the_library_paths():
-    """benchmarks/sibling_routing.py: moela's sibling-routed and alone paths give the same outputs, and every
-    variant is timed."""
-    sibling_routing = load("sibling_routing")
-    args = sibling_routing.speed.parse(["--hidden", "32", "--intermediate", "48", "--layers", "2", "--heads", "4",
-                                        "--vocab", "97", "--threads", "1"])
-    x = torch.randn(3, 1, 32)
-    with torch.no_grad():
-        for name, fns in sibling_routing.variants(args).items():
-            together, alone = fns["siblings"](x), fns["alone"](x)
-            assert len(together) == len(sibling_routing.GROUPS[name][1])
-            for a, b in zip(together, alone):
-                torch.testing.assert_close(a, b)
-            assert {k: len(v) for k, v in sibling_routing.timings(fns, x, 1, 1).items()} == {
-                "peft": 1, "alone": 1, "siblings": 1}
+    # one routing per adapted module and forward (the prompt's and 2 decoding steps)
+    assert ops["aten::topk"][0] == len(decode_profile.speed.PROJECTIONS) * args.layers * forwards
 
 
 def test_allocation_scale_counts_prune_rounds_as_the_allocator_runs_them():
