@@ -116,6 +116,86 @@ def test_prune_gives_ranks_by_final_importance_when_asked():
         allocate("prune", model, data=data[:32], ranks="largest")
 
 
+def ablations(model, layers, names, val) -> dict[str, float]:
+    """``L(without adapter m) − L`` on ``val``, exactly: one held-out pass per adapter."""
+    from moela.allocators.prune import held_out_loss
+
+    reference = held_out_loss(model, val, torch.device("cpu"))
+    out = {}
+    for name in names:
+        layers[name].disabled = True
+        out[name] = held_out_loss(model, val, torch.device("cpu")) - reference
+        layers[name].disabled = False
+    return out
+
+
+def test_prune_taylor_estimate_is_the_ablation_where_the_loss_is_quadratic():
+    """The toy's loss is quadratic in each adapter's output scale, so the second-order expansion is exact: alone,
+    Hutchinson's z² = 1 makes the estimate the ablation; together, it converges to it as the probes grow."""
+    from moela.allocators.probe import swapped
+    from moela.allocators.prune import taylor_importance
+    from moela.layer import LoraMoELinear
+
+    model, data = toy_task(3)
+    names, val, cpu = ["layers.0.proj", "layers.1.proj"], data[32:36], torch.device("cpu")
+    with swapped(model, names, lambda base: LoraMoELinear(base, [4], top_k=1), 0) as layers:
+        for layer in layers.values():
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+        exact = ablations(model, layers, names, val)
+        for name in names:
+            alone = taylor_importance(model, layers, [name], val, cpu, 1, torch.Generator())
+            assert alone[name] == pytest.approx(exact[name], rel=1e-4)
+        both = taylor_importance(model, layers, names, val, cpu, 64, torch.Generator().manual_seed(0))
+        assert both == pytest.approx(exact, rel=0.05)
+        assert all(not layer.lora_B._forward_hooks for layer in layers.values())
+
+
+def test_prune_taylor_estimate_approaches_the_ablation_through_a_transformer():
+    """Through a tiny Llama (attention's second derivatives on the math kernel) the expansion's error shrinks with
+    the adapters' size: third-order terms only."""
+    from moela.allocators.probe import swapped
+    from moela.allocators.prune import taylor_importance
+    from moela.layer import LoraMoELinear
+    from moela.plan import find_targets
+
+    from tests.helpers import batch, tiny_model
+
+    model = tiny_model("llama")
+    names = find_targets(model, "all-linear")[:14]  # the first two blocks
+    val = []
+    for seed in range(4):
+        b = batch(seed=seed, size=4, length=12)
+        val.append({**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)})
+    errors = []
+    for std in (0.01, 0.003):
+        with swapped(model, names, lambda base: LoraMoELinear(base, [4], top_k=1), 0) as layers:
+            torch.manual_seed(1)
+            for layer in layers.values():
+                torch.nn.init.normal_(layer.lora_B.weight, std=std)
+            exact = ablations(model, layers, names, val)
+            estimate = {n: taylor_importance(model, layers, [n], val, torch.device("cpu"), 1, torch.Generator())[n]
+                        for n in names}
+        errors.append(max(abs(estimate[n] - exact[n]) for n in names) / max(abs(v) for v in exact.values()))
+    assert errors[1] < 0.02 and errors[1] < errors[0] / 4
+
+
+def test_prune_with_the_taylor_estimate_keeps_the_module_that_needs_an_update():
+    model, data = toy_task(3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = allocate("prune", model, budget=TOY_BUDGET, data=data[:32], keep=0.5, warmup=40, refit=5, lr=0.02,
+                    estimate="taylor", probes=2)
+    assert set(plan.modules) == {"layers.0.proj"}
+    assert plan.meta["options"]["estimate"] == "taylor"
+    (importance,) = plan.meta["scores"]["rounds"]
+    assert importance["layers.0.proj"] > 10 * abs(importance["layers.1.proj"])
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks for m in model.modules())
+    with pytest.raises(ValueError, match="estimate"):
+        allocate("prune", model, data=data[:32], estimate="gradient")
+    with pytest.raises(ValueError, match="probes"):
+        allocate("prune", model, data=data[:32], estimate="taylor", probes=0)
+
+
 def test_hilo_keeps_depth_groups_equal_and_monotone_under_a_budget():
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
