@@ -38,7 +38,17 @@ fitted by least squares on the four runs. The defaults (``warmup=100``, ``refit=
 with ``R`` rounds, ``alive_r`` modules at round r and ``keep`` survivors (7B: 224 targets, 70B: 560), which the
 report computes.
 
+``--taylor`` measures ``prune``'s ``estimate="taylor"`` instead: on 1 and 2 blocks, with a rank-4 adapter on every
+target, one held-out example, alternately (``--rounds`` times, medians) a forward pass ``F(L)`` and one Taylor
+estimate of every adapter's importance ``T(L)`` (a forward, a backward that keeps its graph and ``--probes``
+Hessian-vector products); also the peak memory growth of a Taylor estimate and of a LoRA training step's forward
+and backward on the same example. A round then costs ``ρ = T/F`` forward passes per held-out example whatever the
+number of modules, so the defaults cost
+    3·16·(100 + 20·R) + 64·(R + 1)·ρ   forward passes of one example
+against the ablation's count above; both are printed for 7B and 70B with ``F(L)`` fitted on the two depths.
+
     .venv/bin/python benchmarks/allocation_scale.py                # about 30 min on 2 loaded CPU cores
+    .venv/bin/python benchmarks/allocation_scale.py --taylor --seq 64
     .venv/bin/python benchmarks/allocation_scale.py --width 0.0625 --seq 16 --examples 1,2 --steps 1,2 \
         --prune-steps 1,2                                                                            # smoke
 """
@@ -133,6 +143,67 @@ def train_lora(model: torch.nn.Module, data: list[dict]) -> None:
         optimizer.zero_grad(set_to_none=True)
 
 
+def measure_taylor(width: float, layers: int, seq: int, rounds: int, probes: int) -> dict:
+    """Median seconds of a forward pass and of a Taylor estimate over all 7L adapters on one example, and the
+    peak memory growth (MiB) of a LoRA training step's forward and backward and of a Taylor estimate, in this
+    process (module docstring)."""
+    from moela.allocators.probe import collate, swapped
+    from moela.allocators.prune import held_out_loss, taylor_importance
+    from moela.layer import LoraMoELinear
+    from moela.plan import find_targets
+
+    model = build(width, layers)
+    names, val, cpu = find_targets(model, "all-linear"), [collate(examples(1, seq))], torch.device("cpu")
+    with swapped(model, names, lambda base: LoraMoELinear(base, [4], top_k=1), 0) as adapters:
+        for layer in adapters.values():
+            torch.nn.init.normal_(layer.lora_B.weight, std=1e-3)
+            layer.requires_grad_(True)
+        growth = {}
+        for label, step in (("train", lambda: model(**val[0]).loss.backward()),
+                            ("taylor", lambda: taylor_importance(model, adapters, names, val, cpu, probes,
+                                                                 torch.Generator()))):
+            Path("/proc/self/clear_refs").write_text("5")
+            loaded = status_kib("VmRSS")
+            step()
+            growth[label] = (status_kib("VmHWM") - loaded) / 1024
+        model.zero_grad(set_to_none=True)
+        forward, taylor = [], []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            held_out_loss(model, val, cpu)
+            forward.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            taylor_importance(model, adapters, names, val, cpu, probes, torch.Generator())
+            taylor.append(time.perf_counter() - start)
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {"layers": layers, "forward_s": median(forward), "taylor_s": median(taylor),
+            "ratios": [t / f for f, t in zip(forward, taylor)], "train_mib": growth["train"],
+            "taylor_mib": growth["taylor"]}
+
+
+def report_taylor(runs: list[dict], args, load: tuple[float, float]) -> None:
+    """``ρ = T/F`` per depth, and the defaults' forward passes and hours at 7B and 70B, ablation against Taylor."""
+    print(f"\n# prune estimate='taylor': cpu, {args.threads} threads, torch {torch.__version__}, float32; Llama "
+          f"blocks of hidden {int(4096 * args.width) // 32 * 32}; {args.seq} tokens, one held-out example, "
+          f"{args.probes} probes, {args.rounds} rounds; load average {load[0]:.2f} before, {load[1]:.2f} after")
+    print(f"{'blocks':>6} {'forward s':>9} {'taylor s':>9} {'rho':>6} {'rho per round':>30} {'train MiB':>9} "
+          f"{'taylor MiB':>10}")
+    for r in runs:
+        print(f"{r['layers']:>6} {r['forward_s']:9.3f} {r['taylor_s']:9.3f} {r['taylor_s'] / r['forward_s']:6.1f} "
+              f"{' '.join(f'{x:.1f}' for x in r['ratios']):>30} {r['train_mib']:9.0f} {r['taylor_mib']:10.0f}")
+    rho = max(r["taylor_s"] / r["forward_s"] for r in runs)
+    b_f = runs[1]["forward_s"] - runs[0]["forward_s"]
+    a_f = runs[0]["forward_s"] - b_f
+    print(f"F(L) = {a_f:.3f} + L·{b_f:.3f} s; ρ = {rho:.1f} (the larger of the two depths)")
+    for label, blocks, forward in (("7B", 32, a_f + 32 * b_f), ("70B", 80, 2 * a_f + 80 * (P70 / P7) * b_f)):
+        rounds, held_out = prune_passes(7 * blocks)
+        training = 3 * 16 * (100 + 20 * rounds)
+        for estimate, total in (("ablation", training + 64 * held_out),
+                                ("taylor", training + 64 * (rounds + 1) * rho)):
+            print(f"prune defaults at {label}, {estimate}: {total:,.0f} forward passes × {forward:.2f} s = "
+                  f"{total * forward / 3600:.1f} h (training {training / total:.0%})")
+
+
 def in_subprocess(method: str, width: float, layers: int, amount: int, seq: int, threads: int) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads)}
     spec = json.dumps([method, width, layers, amount, seq])
@@ -154,13 +225,33 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--half-width", action="store_true", help="also probe 1 block at half the width")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--taylor", action="store_true", help="measure prune's estimate='taylor' (docstring)")
+    parser.add_argument("--rounds", type=int, default=5, help="--taylor: timed rounds")
+    parser.add_argument("--probes", type=int, default=4, help="--taylor: Hutchinson vectors")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--one-taylor", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.one:
         print(json.dumps(measure_one(*json.loads(args.one))))
         return {}
+    if args.one_taylor:
+        print(json.dumps(measure_taylor(*json.loads(args.one_taylor))))
+        return {}
     load_before = os.getloadavg()[0]
+    if args.taylor:
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
+        runs = []
+        for layers in (1, 2):
+            spec = json.dumps([args.width, layers, args.seq, args.rounds, args.probes])
+            done = subprocess.run([sys.executable, __file__, "--one-taylor", spec, "--threads", str(args.threads)],
+                                  env=env, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"{spec}: {done.stderr[-2000:]}")
+            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(json.dumps(runs[-1]), flush=True)
+        report_taylor(runs, args, (load_before, os.getloadavg()[0]))
+        return {"taylor": runs}
     runs = []
     amounts = {"lora": args.examples, "sensitivity": args.examples, "gradspec": args.examples, "guilomo": args.steps,
                "prune": args.prune_steps}

@@ -102,3 +102,5 @@ def test_allocation_scale_counts_prune_rounds_as_the_allocator_runs_them():
     for method in allocation_scale.METHODS:  # every measured configuration runs
         row = allocation_scale.measure_one(method, 0.0625, 1, 1, 8)
         assert row["seconds"] > 0 and row["model_mib"] > 0
+    row = allocation_scale.measure_taylor(0.0625, 1, 8, rounds=1, probes=1)  # prune's estimate="taylor"
+    assert row["forward_s"] > 0 and row["taylor_s"] > 0 and len(row["ratios"]) == 1
