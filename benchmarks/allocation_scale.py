@@ -155,9 +155,8 @@ def measure_taylor(width: float, layers: int, seq: int, rounds: int, probes: int
     model = build(width, layers)
     names, val, cpu = find_targets(model, "all-linear"), [collate(examples(1, seq))], torch.device("cpu")
     with swapped(model, names, lambda base: LoraMoELinear(base, [4], top_k=1), 0) as adapters:
-        for layer in adapters.values():
+        for layer in adapters.values():  # the frozen base, trainable adapters, as in prune's search
             torch.nn.init.normal_(layer.lora_B.weight, std=1e-3)
-            layer.requires_grad_(True)
         growth = {}
         for label, step in (("train", lambda: model(**val[0]).loss.backward()),
                             ("taylor", lambda: taylor_importance(model, adapters, names, val, cpu, probes,
