@@ -358,7 +358,26 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
             lines.append(f"| {m} | {fmt(loss, half, '.4f')} ({len(trained)}) | {fmt(d, dh, '+.4f')} | {share:.2f} | "
                          f"{rho:+.2f} | {'' if math.isnan(closure) else f'{closure:+.2f}'} | {alloc:.1f} |")
         lines.append("")
-    return "\n".join(lines + following(get, methods, seeds))
+    return "\n".join(lines + following(get, methods, seeds) + paired_differences(get, scenarios, args.pairs, seeds))
+
+
+def paired_differences(get: dict, scenarios: list[str], pairs: list[str], seeds: list[int]) -> list[str]:
+    """For each ``A:B`` of ``pairs``, held-out KL of A minus B per scenario, mean ± 95% CI over their shared
+    seeds."""
+    if not pairs:
+        return []
+    lines = ["", "**Paired differences** (held-out KL, A − B, mean ± 95% CI over the seeds both have)", "",
+             "| A − B | " + " | ".join(scenarios) + " |", "|---|" + "---|" * len(scenarios)]
+    for pair in pairs:
+        a, b = pair.split(":")
+        cells = []
+        for scenario in scenarios:
+            both = [s for s in seeds if all((scenario, m, s) in get and get[scenario, m, s]["loss"] is not None
+                                            for m in (a, b))]
+            diffs = [get[scenario, a, s]["loss"] - get[scenario, b, s]["loss"] for s in both]
+            cells.append(f"{fmt(*ci(diffs), '+.4f')} ({len(both)})" if len(both) > 1 else "")
+        lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def rank_share(ranks: dict[str, list[int]], scenario: str) -> float:
@@ -451,6 +470,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1.5e-2)
+    parser.add_argument("--pairs", nargs="*", default=[], metavar="A:B",
+                        help="also report the paired differences of these rows' held-out KL (row labels)")
     parser.add_argument("--plan-only", nargs="*", default=[], metavar="METHOD",
                         help="methods whose plans are scored (planted share, ρ) but not trained")
     run_arguments(parser, RESULTS)

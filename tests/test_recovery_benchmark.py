@@ -119,6 +119,17 @@ def test_gap_closure_compares_a_method_with_uniform_and_the_oracle_on_the_same_s
     assert math.isnan(recovery.gap_closure(get, "s", "x", [2]))
 
 
+def test_paired_differences_use_the_seeds_both_rows_have(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import recovery
+
+    losses = {("a", 0): 0.05, ("b", 0): 0.04, ("a", 1): 0.07, ("b", 1): 0.04, ("a", 2): 0.5}  # b has no seed 2
+    get = {("s", m, seed): {"loss": loss} for (m, seed), loss in losses.items()}
+    *_, row = recovery.paired_differences(get, ["s"], ["a:b"], [0, 1, 2])
+    assert row.startswith("| a − b | +0.0200 ± ") and row.endswith(" (2) |")
+    assert recovery.paired_differences(get, ["s"], [], [0, 1, 2]) == []
+
+
 def test_following_is_zero_for_a_plan_that_ignores_the_data_and_positive_for_one_that_follows_it(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import recovery
