@@ -14,10 +14,11 @@ equal rank with top-k routing; the other targets get no adapter.
 
 ``estimate="taylor"`` estimates every ``I_m`` of a round at once instead of switching each adapter off: with
 ``c_m`` scaling adapter ``m``'s output, ``I_m = L(c_m = 0) − L(c = 1) ≈ −∂L/∂c_m + ½ ∂²L/∂c_m²`` (the
-second-order Taylor expansion of the switch-off), the Hessian's diagonal by Hutchinson's estimator ``E[z ⊙ Hz]`` over ``probes``
-Rademacher vectors ``z`` per held-out batch. A round then costs one forward, one backward and ``probes``
-Hessian-vector products per held-out batch, whatever the number of modules (the attention runs on PyTorch's math
-kernel, which has second derivatives); the exact ablation costs one held-out pass per remaining module.
+second-order Taylor expansion of the switch-off), the Hessian's diagonal by Hutchinson's estimator
+``E[z ⊙ Hz]`` over ``probes`` Rademacher vectors ``z`` per held-out batch. A round then costs one forward, one
+backward and ``probes`` Hessian-vector products per held-out batch, whatever the number of modules (the attention
+runs on PyTorch's math kernel, which has second derivatives); the exact ablation costs one held-out pass per
+remaining module.
 
 ``restarts > 1`` runs that many independent searches (seeds ``seed``, ``seed + 1``, …: each its own split of the
 probe into training and held-out examples and its own adapter initialisation) and keeps the targets that survive
@@ -26,8 +27,8 @@ mean over the searches that kept them (``plan.meta["scores"]["votes"]`` counts t
 
 Cost, per restart: ``warmup + refit · rounds`` training steps and, per round and once at the end, one held-out
 pass per remaining module and a reference pass (``rounds ≈ log(keep) / log(1 − drop)``; ``estimate="taylor"``: the
-passes above). Memory: that of LoRA
-training at rank ``rank``.
+passes above). Memory: that of LoRA training at rank ``rank``; a Taylor estimate keeps its backward's graph for the
+Hessian-vector products, several times a training step's activations on the same batch.
 Several processes: each runs the whole search on all the probe data, without communication; the seed makes
 their plans equal (the run pipeline keeps the main process's in any case).
 """
