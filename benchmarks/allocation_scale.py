@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -174,8 +175,7 @@ def measure_taylor(width: float, layers: int, seq: int, rounds: int, probes: int
             start = time.perf_counter()
             taylor_importance(model, adapters, names, val, cpu, probes, torch.Generator())
             taylor.append(time.perf_counter() - start)
-    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return {"layers": layers, "forward_s": median(forward), "taylor_s": median(taylor),
+    return {"layers": layers, "forward_s": statistics.median(forward), "taylor_s": statistics.median(taylor),
             "ratios": [t / f for f, t in zip(forward, taylor)], "train_mib": growth["train"],
             "taylor_mib": growth["taylor"]}
 
@@ -203,10 +203,11 @@ def report_taylor(runs: list[dict], args, load: tuple[float, float]) -> None:
                   f"{total * forward / 3600:.1f} h (training {training / total:.0%})")
 
 
-def in_subprocess(method: str, width: float, layers: int, amount: int, seq: int, threads: int) -> dict:
+def in_subprocess(spec: list, threads: int, flag: str = "--one") -> dict:
+    """The row of ``measure_one(*spec)`` (``flag="--one-taylor"``: ``measure_taylor``) in a fresh process."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads)}
-    spec = json.dumps([method, width, layers, amount, seq])
-    done = subprocess.run([sys.executable, __file__, "--one", spec, "--threads", str(threads)], env=env,
+    spec = json.dumps(spec)
+    done = subprocess.run([sys.executable, __file__, flag, spec, "--threads", str(threads)], env=env,
                           capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{spec}: {done.stderr[-2000:]}")
@@ -239,15 +240,10 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     load_before = os.getloadavg()[0]
     if args.taylor:
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
         runs = []
         for layers in (1, 2):
-            spec = json.dumps([args.width, layers, args.seq, args.rounds, args.probes])
-            done = subprocess.run([sys.executable, __file__, "--one-taylor", spec, "--threads", str(args.threads)],
-                                  env=env, capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"{spec}: {done.stderr[-2000:]}")
-            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            runs.append(in_subprocess([args.width, layers, args.seq, args.rounds, args.probes], args.threads,
+                                      "--one-taylor"))
             print(json.dumps(runs[-1]), flush=True)
         report_taylor(runs, args, (load_before, os.getloadavg()[0]))
         return {"taylor": runs}
@@ -258,13 +254,13 @@ def main(argv: list[str] | None = None) -> dict:
     for method, amount in plan:
         for layers in (1, 2):
             row = {"method": method, "amount": amount, "layers": layers, "width": args.width,
-                   **in_subprocess(method, args.width, layers, amount, args.seq, args.threads)}
+                   **in_subprocess([method, args.width, layers, amount, args.seq], args.threads)}
             print(json.dumps(row), flush=True)
             runs.append(row)
     if args.half_width:
         row = {"method": "sensitivity", "amount": int(args.examples.split(",")[-1]), "layers": 1,
-               "width": args.width / 2, **in_subprocess("sensitivity", args.width / 2, 1,
-                                                        int(args.examples.split(",")[-1]), args.seq, args.threads)}
+               "width": args.width / 2, **in_subprocess(["sensitivity", args.width / 2, 1,
+                                                         int(args.examples.split(",")[-1]), args.seq], args.threads)}
         print(json.dumps(row), flush=True)
         runs.append(row)
     report(args, runs, (load_before, os.getloadavg()[0]))

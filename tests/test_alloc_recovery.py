@@ -116,24 +116,11 @@ def test_prune_gives_ranks_by_final_importance_when_asked():
         allocate("prune", model, data=data[:32], ranks="largest")
 
 
-def ablations(model, layers, names, val) -> dict[str, float]:
-    """``L(without adapter m) − L`` on ``val``, exactly: one held-out pass per adapter."""
-    from moela.allocators.prune import held_out_loss
-
-    reference = held_out_loss(model, val, torch.device("cpu"))
-    out = {}
-    for name in names:
-        layers[name].disabled = True
-        out[name] = held_out_loss(model, val, torch.device("cpu")) - reference
-        layers[name].disabled = False
-    return out
-
-
 def test_prune_taylor_estimate_is_the_ablation_where_the_loss_is_quadratic():
     """The toy's loss is quadratic in each adapter's output scale, so the second-order expansion is exact: alone,
     Hutchinson's z² = 1 makes the estimate the ablation; together, it converges to it as the probes grow."""
     from moela.allocators.probe import swapped
-    from moela.allocators.prune import taylor_importance
+    from moela.allocators.prune import ablation_importance, taylor_importance
     from moela.layer import LoraMoELinear
 
     model, data = toy_task(3)
@@ -141,7 +128,7 @@ def test_prune_taylor_estimate_is_the_ablation_where_the_loss_is_quadratic():
     with swapped(model, names, lambda base: LoraMoELinear(base, [4], top_k=1), 0) as layers:
         for layer in layers.values():
             torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
-        exact = ablations(model, layers, names, val)
+        exact = ablation_importance(model, layers, names, val, torch.device("cpu"))
         for name in names:
             alone = taylor_importance(model, layers, [name], val, cpu, 1, torch.Generator())
             assert alone[name] == pytest.approx(exact[name], rel=1e-4)
@@ -154,7 +141,7 @@ def test_prune_taylor_estimate_approaches_the_ablation_through_a_transformer():
     """Through a tiny Llama (attention's second derivatives on the math kernel) the expansion's error shrinks with
     the adapters' size: third-order terms only."""
     from moela.allocators.probe import swapped
-    from moela.allocators.prune import taylor_importance
+    from moela.allocators.prune import ablation_importance, taylor_importance
     from moela.layer import LoraMoELinear
     from moela.plan import find_targets
 
@@ -172,7 +159,7 @@ def test_prune_taylor_estimate_approaches_the_ablation_through_a_transformer():
             torch.manual_seed(1)
             for layer in layers.values():
                 torch.nn.init.normal_(layer.lora_B.weight, std=std)
-            exact = ablations(model, layers, names, val)
+            exact = ablation_importance(model, layers, names, val, torch.device("cpu"))
             estimate = {n: taylor_importance(model, layers, [n], val, torch.device("cpu"), 1, torch.Generator())[n]
                         for n in names}
         errors.append(max(abs(estimate[n] - exact[n]) for n in names) / max(abs(v) for v in exact.values()))

@@ -56,6 +56,18 @@ def held_out_loss(model: nn.Module, val: list[dict], device: torch.device) -> fl
         return sum(float(model(**to_device(b, device)[0]).loss) for b in val) / len(val)
 
 
+def ablation_importance(model: nn.Module, layers: dict[str, LoraMoELinear], alive: list[str], val: list[dict],
+                        device: torch.device) -> dict[str, float]:
+    """``{path: L(all alive but m) − L(all alive)}`` for the ``alive`` adapters: one held-out pass each."""
+    reference = held_out_loss(model, val, device)
+    importance = {}
+    for name in alive:
+        layers[name].disabled = True
+        importance[name] = held_out_loss(model, val, device) - reference
+        layers[name].disabled = False
+    return importance
+
+
 def taylor_importance(model: nn.Module, layers: dict[str, LoraMoELinear], alive: list[str], val: list[dict],
                       device: torch.device, probes: int, generator: torch.Generator) -> dict[str, float]:
     """``{path: −∂L/∂c_m + ½ ∂²L/∂c_m²}`` at ``c = 1`` for the ``alive`` adapters (module docstring), ``L`` the
@@ -109,13 +121,7 @@ def prune_search(model: nn.Module, names: list[str], train: list[dict], val: lis
         def ablate(alive: list[str]) -> dict[str, float]:
             if estimate == "taylor":
                 return taylor_importance(model, layers, alive, val, device, probes, generator)
-            reference = held_out_loss(model, val, device)
-            importance = {}
-            for name in alive:
-                layers[name].disabled = True
-                importance[name] = held_out_loss(model, val, device) - reference
-                layers[name].disabled = False
-            return importance
+            return ablation_importance(model, layers, alive, val, device)
 
         optimizer = torch.optim.AdamW([p for l in layers.values() for p in (l.lora_A.weight, l.lora_B.weight)],
                                       lr=lr, weight_decay=0.0)
