@@ -236,3 +236,23 @@ def test_budget_search_runs_under_bf16_autocast_with_a_teacher():
     dual = plan.meta["budget_search"]
     assert all(torch.isfinite(torch.tensor(v)) for v in dual.values()) and dual["lambda"] > 0
     assert all(torch.isfinite(torch.tensor(g)).all() for g in plan.meta["scores"]["expert_gsv"].values())
+
+
+def test_a_budget_no_read_out_can_fit_is_refused_before_the_search(monkeypatch):
+    import moela.allocators.guilomo as guilomo
+
+    monkeypatch.setattr(guilomo, "search", lambda *a, **k: pytest.fail("the search ran"))
+    with pytest.raises(ValueError, match=r"guilomo: budget 1,000 is below the minimum of .* \(2 rank-1 experts on "
+                                         r"each of the \d+ target modules\); raise the budget or lower min_experts"):
+        allocate("guilomo", tiny_model("llama"), data=examples(24), budget=1000)
+
+
+def test_a_read_out_over_the_budget_names_budget_search():
+    from moela.allocators.budget import plan_cost, routed, target_dims
+    from moela.plan import find_targets
+
+    model = tiny_model("llama")
+    names = find_targets(model, "all-linear")
+    smallest = plan_cost({n: routed([1, 1], 2) for n in names}, target_dims(model, names))
+    with pytest.raises(ValueError, match="experts of rank 1 read out, at least 2 per module; budget_search=True"):
+        allocate("guilomo", model, data=examples(24), batch_size=4, max_steps=4, budget=smallest)

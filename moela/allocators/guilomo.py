@@ -28,7 +28,7 @@ from ..distributed import process_group
 from ..layer import LoraMoELinear, RouterStats
 from ..model import balance_loss
 from ..plan import AllocationPlan, ModulePlan, find_targets
-from .budget import apportion, finish, fit, parse_budget, routed, target_dims
+from .budget import TOLERANCE, apportion, finish, fit, parse_budget, plan_cost, routed, target_dims
 from .probe import Cost, holdout, pad_id, size, swapped, to_device
 from .registry import register
 
@@ -350,6 +350,11 @@ def guilomo(model: nn.Module, *, targets: Any, budget: int | str | None = None, 
     names = find_targets(model, targets)
     dims = target_dims(model, names)
     target = parse_budget(budget, model, targets)
+    smallest = plan_cost({n: routed([1] * min_experts, top_k) for n in names}, dims) if min_experts else 0
+    if target is not None and smallest > target * (1 + TOLERANCE):  # no read-out can fit: say so before the search
+        raise ValueError(f"guilomo: budget {target:,} is below the minimum of {smallest:,} parameters that any "
+                         f"read-out costs ({min_experts} rank-1 experts on each of the {len(names)} target modules); "
+                         f"raise the budget or lower min_experts")
     train, val = holdout(data, val_fraction, batch_size, seed, pad_id(model), examples)
     steps = max(1, min(max_steps, round(epochs * len(train))))
     cost = Cost("guilomo")
@@ -381,7 +386,9 @@ def guilomo(model: nn.Module, *, targets: Any, budget: int | str | None = None, 
             return {n: routed(r, top_k) for n, r in ranks.items()}
 
         modules, _ = fit(build, target, dims, lo=len(flat),
-                         minimum=f"{len(flat)} experts of rank 1 (at least {min_experts} per module)")
+                         minimum=f"{len(flat)} experts of rank 1 read out, at least {min_experts} per module; "
+                                 + ("search longer or raise budget_lr" if budget_search else
+                                    "budget_search=True holds the search to the budget"))
     scores = {"expert_gsv": {n: l.expert_gsv.detach().sigmoid().tolist() for n, l in layers.items()},
               "rank_gsv": {n: l.rank_gsv.detach().sigmoid().tolist() for n, l in layers.items()}}
     options = {"experts": experts, "rank": rank, "min_experts": min_experts, "top_k": top_k, "alpha": alpha,
