@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from moela.allocators import allocate
+from moela.allocators import allocate, guilomo
+from moela.allocators.budget import plan_cost, routed, target_dims
 from moela.allocators.guilomo import RANK_OFF, GSVLinear, PrefixSelect, RowAdam, hypergradient
+from moela.plan import find_targets
 
 from tests.helpers import examples, tiny_model, toy_task
 
@@ -239,8 +241,6 @@ def test_budget_search_runs_under_bf16_autocast_with_a_teacher():
 
 
 def test_a_budget_no_read_out_can_fit_is_refused_before_the_search(monkeypatch):
-    import moela.allocators.guilomo as guilomo
-
     monkeypatch.setattr(guilomo, "search", lambda *a, **k: pytest.fail("the search ran"))
     with pytest.raises(ValueError, match=r"guilomo: budget 1,000 is below the minimum of .* \(2 rank-1 experts on "
                                          r"each of the \d+ target modules\); raise the budget or lower min_experts"):
@@ -248,9 +248,6 @@ def test_a_budget_no_read_out_can_fit_is_refused_before_the_search(monkeypatch):
 
 
 def test_a_read_out_over_the_budget_names_budget_search():
-    from moela.allocators.budget import plan_cost, routed, target_dims
-    from moela.plan import find_targets
-
     model = tiny_model("llama")
     names = find_targets(model, "all-linear")
     smallest = plan_cost({n: routed([1, 1], 2) for n in names}, target_dims(model, names))
