@@ -27,14 +27,14 @@ from .config import MoelaConfig
 from .data import load_records, make_loader, split_validation, task_ids, text_bound, tokenize
 from .distillation import teacher_loss
 from .distributed import broadcast, on_main, process_state
-from .evaluate import RoutingCounter, evaluate, lm_eval_harness, routing_statistics
+from .evaluate import RoutingCounter, evaluate_accuracy, lm_eval_harness, routing_statistics
 from .io import recover_dir
 from .model import default_modules_to_save, inject
 from .plan import AllocationPlan
 from . import report
 from .report import metrics_table, run_row, write_compare_report, write_run_report
 from .settings import DataSettings, Settings, load_settings, parse_override
-from .train import check_trainer_args, train
+from .train import check_trainer_args, train_adapter
 
 
 # --- data -------------------------------------------------------------------------------------------------------
@@ -163,7 +163,7 @@ def evaluate_model(model: nn.Module, settings: Settings, prepared: Prepared,
         return lm_eval_harness(model, prepared.tokenizer, ev.lm_eval_tasks or [], ev.batch_size), []
     if not prepared.eval_records:
         raise ValueError("no evaluation data: set data.eval or data.val_size")
-    return evaluate(model, prepared.tokenizer, prepared.eval_records, prepared.kind, protocol=ev.protocol,
+    return evaluate_accuracy(model, prepared.tokenizer, prepared.eval_records, prepared.kind, protocol=ev.protocol,
                     features=prepared.eval_features, template=settings.data.template,
                     max_new_tokens=ev.max_new_tokens, num_beams=ev.num_beams, length_normalize=ev.length_normalize,
                     batch_size=ev.batch_size, routing=routing)
@@ -242,7 +242,7 @@ def run(settings: Settings, *, overwrite: bool = False, resume: bool = False,
                            if checkpoints.is_dir() else None)
         if resume and latest is None and main:
             print(f"[{method}] no checkpoint in {checkpoints}; training from the start", flush=True)
-        history = train(model, prepared.train_features, prepared.tokenizer.pad_token_id, settings.train,
+        history = train_adapter(model, prepared.train_features, prepared.tokenizer.pad_token_id, settings.train,
                         checkpoints, resume=latest if resume else None, save_to=run_dir)
         if not main:
             return None

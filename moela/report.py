@@ -207,7 +207,7 @@ def annotate(metrics: dict[str, Any], predictions: Sequence[dict], records: Sequ
     Per task: ``majority`` (share of the most frequent gold answer, ``majority_answer``), ``chance`` (mean of
     1/options over the examples, None where the options are unknown, e.g. numbers), ``distinct_predictions``,
     ``top_prediction`` and its ``top_prediction_share``. Overall: ``baseline = {"majority", "chance"}``.
-    ``predictions`` are the per-example rows of :func:`moela.evaluate.evaluate` (``task``, ``answer``,
+    ``predictions`` are the per-example rows of :func:`moela.evaluate.evaluate_accuracy` (``task``, ``answer``,
     ``prediction``), ``records`` the evaluated records in the same order (for their ``choices``/``options``).
     """
     by_task: dict[str, list[int]] = defaultdict(list)

@@ -57,7 +57,7 @@ class MoelaTrainer(transformers.Trainer):
         super().__init__(*args, **kwargs)
         self._balance_sum, self._balance_count = 0.0, 0
         self._staging: str | None = None
-        self._adapter_loaded = False  # under FSDP, by train() before sharding
+        self._adapter_loaded = False  # under FSDP, by train_adapter() before sharding
         self.layers = [layer for _, layer in moela_layers(self.model) if layer.routed]
         for layer in self.layers:
             layer.balance_coef /= self.args.gradient_accumulation_steps
@@ -202,7 +202,7 @@ def training_arguments(cfg: TrainSettings, output_dir: str | Path, num_examples:
         torch_compile=cfg.compile, **extra)
 
 
-def train(model: nn.Module, features: Sequence[dict], pad_token_id: int, cfg: TrainSettings,
+def train_adapter(model: nn.Module, features: Sequence[dict], pad_token_id: int, cfg: TrainSettings,
           output_dir: str | Path, *, resume: str | bool | None = None,
           save_to: str | Path | None = None) -> dict[str, Any]:
     """Train the adapter (and the ``modules_to_save`` of its config) of ``model`` on tokenised ``features``;

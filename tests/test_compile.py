@@ -13,7 +13,7 @@ import transformers
 import moela
 from moela.adapter import adapter_state_dict
 from moela.settings import TrainSettings
-from moela.train import train, training_arguments
+from moela.train import train_adapter, training_arguments
 from tests.helpers import TINY
 
 
@@ -33,7 +33,7 @@ def trained(tmp_path, compile: bool) -> tuple[dict[str, torch.Tensor], list[floa
     moela.inject(model, moela.AllocationPlan.uniform(model, "all-linear", experts=3, rank=2, top_k=2), dropout=0.0)
     cfg = TrainSettings(max_steps=2, batch_size=4, lr=1e-2, logging_steps=1, progress=False, compile=compile,
                         trainer_args={"torch_compile_backend": "aot_eager"} if compile else {})
-    history = train(model, features(), 0, cfg, tmp_path / str(compile))["log_history"]
+    history = train_adapter(model, features(), 0, cfg, tmp_path / str(compile))["log_history"]
     return adapter_state_dict(model), [h["loss"] for h in history if "loss" in h]
 
 

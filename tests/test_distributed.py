@@ -20,7 +20,7 @@ import moela
 from moela.allocators import allocate
 from moela.cli import main
 from moela.settings import TrainSettings
-from moela.train import train
+from moela.train import train_adapter
 from tests.helpers import examples, lm_config, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +139,7 @@ def test_a_sharded_config_that_accelerate_trains_as_ddp_is_named(tmp_path, monke
     model = tiny_model("llama")
     moela.inject(model, moela.AllocationPlan.uniform(model, ["q_proj"], experts=2, rank=2), dropout=0.0)
     with pytest.warns(UserWarning, match="accelerate does not shard CPU processes: this FSDP config trains as plain"):
-        result = train(model, examples(4), 0, TrainSettings(max_steps=1, batch_size=2, progress=False), tmp_path)
+        result = train_adapter(model, examples(4), 0, TrainSettings(max_steps=1, batch_size=2, progress=False), tmp_path)
     assert result["sharded"] is False
 
 

@@ -210,10 +210,10 @@ def reference_rounding(values: Sequence[float], total: int, beta: float) -> list
 
 
 @register("alphalora", needs_weights=True)
-def alphalora(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None, seed: int = 0,
-              total: int | None = None, beta: float = 2.5, rank: int = 8, top_k: int = 2, bins: int = 100,
-              mode: str = "reference", threshold: float | None | str = "mode", window: str | None = None,
-              precision: str | None = None, workers: int = 1) -> AllocationPlan:
+def alphalora_plan(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None, seed: int = 0,
+                   total: int | None = None, beta: float = 2.5, rank: int = 8, top_k: int = 2, bins: int = 100,
+                   mode: str = "reference", threshold: float | None | str = "mode", window: str | None = None,
+                   precision: str | None = None, workers: int = 1) -> AllocationPlan:
     """``N_l = round(T · ᾱ_l^β / Σ ᾱ^β)`` experts on every target of block ``l``, repaired to sum to ``T``
     (default ``T`` = 4 per block with targets), top-k (top-1 where ``N_l = 1``), rank ``rank``. With a budget,
     experts are spread over the modules in proportion to their block's ``ᾱ^β`` until it is met. ``mode``,

@@ -69,9 +69,9 @@ def gradient_spectra(model: nn.Module, names: list[str], probe_batches: list[dic
 
 
 @register("gradspec", needs_data=True, needs_weights=True, every_target=False)
-def gradspec(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None, seed: int = 0,
-             rank: int = 8, top_k: int = 2, max_rank: int = 64, examples: int = 256, batch_size: int = 8,
-             denoise: bool = True) -> AllocationPlan:
+def gradspec_plan(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None, seed: int = 0,
+                  rank: int = 8, top_k: int = 2, max_rank: int = 64, examples: int = 256, batch_size: int = 8,
+                  denoise: bool = True) -> AllocationPlan:
     """Rank units to the largest signal-to-noise ratios of the mean weight gradients' singular values;
     experts of rank ≤ ``rank`` (``⌈R_m/rank⌉`` per module), at most ``max_rank`` units per module. Without a budget: as many units as uniform 4 experts of rank 8 on every target. ``denoise=False`` keeps
     the raw ``σ_j²``."""

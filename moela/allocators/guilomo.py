@@ -317,13 +317,14 @@ def unmoved(layers: dict[str, GSVLinear], start: dict[str, tuple[int, list[int]]
 
 
 @register("guilomo", needs_data=True, needs_weights=True)
-def guilomo(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None, seed: int = 0,
-            experts: int = 8, rank: int = 8, min_experts: int = 2, top_k: int = 2, alpha: float = 16.0,
-            lr: float = 1e-3, gsv_lr: float = 2e-2, epochs: float = 1.0, max_steps: int = 300,
-            second_order: bool = False, val_fraction: float = 0.1, batch_size: int = 8, examples: int | None = None,
-            balance: float = 1e-3, check_every: int = 10, patience: int = 5, estimator: str = "dense",
-            init_scale: float = 0.01, b_std: float = 0.02, expert_mask: str = "gate", rank_leak: float = RANK_OFF,
-            settle: float | None = 1e-3, budget_search: bool = False, budget_lr: float = 0.1) -> AllocationPlan:
+def guilomo_plan(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None, seed: int = 0,
+                 experts: int = 8, rank: int = 8, min_experts: int = 2, top_k: int = 2, alpha: float = 16.0,
+                 lr: float = 1e-3, gsv_lr: float = 2e-2, epochs: float = 1.0, max_steps: int = 300,
+                 second_order: bool = False, val_fraction: float = 0.1, batch_size: int = 8,
+                 examples: int | None = None, balance: float = 1e-3, check_every: int = 10, patience: int = 5,
+                 estimator: str = "dense", init_scale: float = 0.01, b_std: float = 0.02, expert_mask: str = "gate",
+                 rank_leak: float = RANK_OFF, settle: float | None = 1e-3, budget_search: bool = False,
+                 budget_lr: float = 0.1) -> AllocationPlan:
     """GuiLoMo: bilevel GSV search, then read-out to a plan (experts ∈ [min_experts, experts], ranks ∈ [1, rank]).
 
     The search runs ``epochs`` passes over the training split (at most ``max_steps`` steps), stopping early

@@ -28,9 +28,9 @@ def scaled_patterns(digits: Sequence[int], grid: np.ndarray) -> list[tuple[int, 
 
 
 @register("hilo")
-def hilo(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None, seed: int = 0,
-         experts: str | Sequence[int] = "2468", ranks: str | Sequence[int] = "2468", top_k: int = 2,
-         top_p: float | None = None, max_k: int | None = None) -> AllocationPlan:
+def hilo_plan(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None, seed: int = 0,
+              experts: str | Sequence[int] = "2468", ranks: str | Sequence[int] = "2468", top_k: int = 2,
+              top_p: float | None = None, max_k: int | None = None) -> AllocationPlan:
     """Block ``l`` of ``L`` gets ``experts[l·G_e // L]`` experts of rank ``ranks[l·G_r // L]``.
 
     With a budget both patterns are rescaled group-wise, ``e_g = max(1, round(c_e · E_g))`` and

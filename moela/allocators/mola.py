@@ -14,8 +14,8 @@ PATTERNS = ("2468", "8642", "8228", "5555")
 
 
 @register("mola")
-def mola(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None, seed: int = 0,
-         pattern: str | Sequence[int] = "2468", rank: int = 8, top_k: int = 2) -> AllocationPlan:
+def mola_plan(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None, seed: int = 0,
+              pattern: str | Sequence[int] = "2468", rank: int = 8, top_k: int = 2) -> AllocationPlan:
     """Block ``l`` of ``L`` gets ``pattern[l·G // L]`` experts (G = len(pattern)) on every target module.
 
     With a budget the pattern is scaled: the total number of experts is spread over the modules in proportion

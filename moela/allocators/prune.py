@@ -141,11 +141,11 @@ def prune_search(model: nn.Module, names: list[str], train: list[dict], val: lis
 
 
 @register("prune", needs_data=True, needs_weights=True, every_target=False)
-def prune(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None, seed: int = 0,
-          rank: int = 4, lr: float = 2e-3, warmup: int = 100, refit: int = 20, drop: float = 0.25,
-          keep: float = 0.2, expert_rank: int = 8, top_k: int = 2, examples: int = 256, batch_size: int = 16,
-          val_fraction: float = 0.25, ranks: str = "equal", restarts: int = 1, estimate: str = "ablation",
-          probes: int = 4) -> AllocationPlan:
+def prune_plan(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None, seed: int = 0,
+               rank: int = 4, lr: float = 2e-3, warmup: int = 100, refit: int = 20, drop: float = 0.25,
+               keep: float = 0.2, expert_rank: int = 8, top_k: int = 2, examples: int = 256, batch_size: int = 16,
+               val_fraction: float = 0.25, ranks: str = "equal", restarts: int = 1, estimate: str = "ablation",
+               probes: int = 4) -> AllocationPlan:
     """Iterative pruning of warm-up adapters by held-out ablation (module docstring); the ``keep`` share of the
     targets (at least one) survives and shares the budget equally (``ranks="equal"``) or in proportion to the
     survivors' final importances (``"importance"``), in experts of rank ≤ ``expert_rank``.

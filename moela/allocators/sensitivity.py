@@ -139,9 +139,9 @@ def per_type_share(scores: dict[str, float]) -> dict[str, float]:
 
 
 @register("sensitivity", needs_data=True, needs_weights=True, every_target=False)
-def sensitivity(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None,
-                seed: int = 0, mode: str = "auto", p: float = 60.0, experts: int = 4, max_experts: int = 8,
-                rank: int = 8, top_k: int = 2, examples: int = 256, batch_size: int = 1) -> AllocationPlan:
+def sensitivity_plan(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None,
+                     seed: int = 0, mode: str = "auto", p: float = 60.0, experts: int = 4, max_experts: int = 8,
+                     rank: int = 8, top_k: int = 2, examples: int = 256, batch_size: int = 1) -> AllocationPlan:
     """Gradient-sensitivity allocation.
 
     ``mode="vote"`` (multi-task data with a ``task`` column): per task and module type, modules above the

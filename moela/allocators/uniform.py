@@ -13,8 +13,8 @@ from .budget import TOLERANCE, finish, parse_budget, plan_cost, routed, target_d
 
 
 @register("uniform")
-def uniform(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None, seed: int = 0,
-            experts: int = 4, rank: int = 8, top_k: int = 2, **routing: Any) -> AllocationPlan:
+def uniform_plan(model: nn.Module, *, targets: Any, budget: int | str | None = None, data: Any = None, seed: int = 0,
+                 experts: int = 4, rank: int = 8, top_k: int = 2, **routing: Any) -> AllocationPlan:
     """E experts of rank r on every target. With a budget, the identical-modules plan (E', r') closest to it,
     preferring, among those within ±2%, the one nearest the requested (E, r)."""
     names = find_targets(model, targets)
