@@ -1,4 +1,5 @@
-"""The package layout: no import cycle inside moela/, README's module table and settings table match the code."""
+"""The package layout: no import cycle inside moela/, no function named as its module, README's module table and
+settings table match the code."""
 
 from __future__ import annotations
 
@@ -64,3 +65,10 @@ def test_readme_settings_table_is_the_generated_one():
     readme = (ROOT / "README.md").read_text()
     table = readme.split("<!-- settings:begin", 1)[1].split("-->", 1)[1].split("<!-- settings:end -->")[0]
     assert table.strip() == reference(markdown=True).strip(), "regenerate with moela.settings.reference(markdown=True)"
+
+
+def test_no_top_level_function_or_class_shares_its_module_name():
+    clashes = [f"{path.relative_to(ROOT)}: {node.name}" for path in PACKAGE.rglob("*.py")
+               for node in ast.parse(path.read_text()).body
+               if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == path.stem]
+    assert not clashes, clashes
