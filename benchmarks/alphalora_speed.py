@@ -29,6 +29,11 @@ either precision.
     PYTHONPATH=. .venv/bin/python benchmarks/alphalora_speed.py              # ≈ 25 min on 2 loaded cores
     PYTHONPATH=. .venv/bin/python benchmarks/alphalora_speed.py --scale 0.125 --rounds 1   # smoke, ≈ 1 min
     PYTHONPATH=. .venv/bin/python benchmarks/alphalora_speed.py --floor   # the bound below, ≈ 20 s
+    PYTHONPATH=. .venv/bin/python benchmarks/alphalora_speed.py --device cuda --no-svdvals   # on a GPU
+
+``--device cuda``: the matrices live on the GPU, where ``alphalora`` computes when the model is there, and only
+the paths that run on the weights' device are timed (``float64 before``, ``float64``, ``float32``; the public
+code's ``svdvals`` and the CPU worker processes are CPU-only), each synchronised.
 
 ``--floor``: the least time any full-spectrum path can take on this CPU. The work per 7B model is the Gram
 products' lower triangles (m·n² flops for an m × n matrix) plus the tridiagonal reductions of ``eigvalsh``
@@ -79,8 +84,12 @@ def before(weight: torch.Tensor) -> np.ndarray:
 
 
 def timed(fn) -> tuple[float, object]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     start = time.perf_counter()
     out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - start, out
 
 
@@ -123,26 +132,32 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="matrix sizes × scale (smoke runs)")
     parser.add_argument("--no-svdvals", action="store_true", help="leave out the slow reference svdvals")
     parser.add_argument("--floor", action="store_true", help="only the least time at this CPU's GEMM rate")
+    parser.add_argument("--device", default="cpu", help="where the matrices live (cuda: the device paths only)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     if args.floor:
         return floor(args.threads)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     hidden, inter = int(4096 * args.scale), int(11008 * args.scale)
-    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, "
+    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "") + ", "
           f"load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}", flush=True)
     g = torch.Generator().manual_seed(0)
     shapes = {"4096": (hidden, hidden), "11008": (inter, hidden)}
     bases = {key: (orthonormal(m, n, g), orthonormal(n, n, g)) for key, (m, n) in shapes.items()}
     variants = ["float64 before", "float64", "svdvals float32", "float32", "float64 ×2 workers", "float32 ×2 workers"]
-    if args.no_svdvals:
+    if args.no_svdvals or device.type != "cpu":
         variants.remove("svdvals float32")
+    if device.type != "cpu":
+        variants = [v for v in variants if "workers" not in v]
     seconds = {(v, key): [] for v in variants for key in shapes}
     errors = {key: [] for key in shapes}  # |α32 − α64| of the timed matrices
     for r in range(args.rounds):
         for key in shapes:
             u, v = bases[key]
-            pair = [heavy_tailed(u, v, EXPONENTS[(2 * r + j) % len(EXPONENTS)], 100 * r + j) for j in range(2)]
+            pair = [heavy_tailed(u, v, EXPONENTS[(2 * r + j) % len(EXPONENTS)], 100 * r + j).to(device)
+                    for j in range(2)]
             order = variants[r % len(variants):] + variants[:r % len(variants)]  # alternate who goes first
             got = {}
             for name in order:
@@ -161,14 +176,13 @@ def main() -> None:
                     t /= 2
                 seconds[(name, key)].append(t)
                 print(f"round {r} {key:>5} {name:<20} {t:7.2f} s", flush=True)
-            for j in range(2):
-                e64 = got["float64 ×2 workers"][j]
-                e32 = got["float32 ×2 workers"][j]
-                errors[key].append(abs(alpha(e32) - alpha(e64)))
+            if "float64 ×2 workers" in got:
+                for j in range(2):
+                    errors[key].append(abs(alpha(got["float32 ×2 workers"][j]) - alpha(got["float64 ×2 workers"][j])))
             errors[key].append(abs(alpha(got["float32"][0]) - alpha(got["float64"][0])))
             # the float64 paths (before, blocked, 2 workers of 1 thread) agree to the last bits:
             errors.setdefault("threads", []).extend(abs(alpha(got[v][0]) - alpha(got["float64 before"][0]))
-                                                    for v in ("float64", "float64 ×2 workers"))
+                                                    for v in ("float64", "float64 ×2 workers") if v in got)
     torch.set_num_threads(1)
     eigs = matrix_eigs(heavy_tailed(*bases["4096"], 3.0, 7), False, "float64")
     fit = {w: statistics.median(timed(lambda: hill_alpha(eigs, 100, t, w))[0] for _ in range(3))
