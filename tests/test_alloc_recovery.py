@@ -85,6 +85,20 @@ def test_prune_keeps_the_module_that_needs_an_update_and_leaves_the_model_as_it_
     assert not model.training and [p.requires_grad for p in model.parameters()] == flags
 
 
+@pytest.mark.parametrize("estimate", ["ablation", "taylor"])
+def test_prune_under_bf16_autocast_trains_its_adapters_and_keeps_the_module_that_needs_an_update(estimate):
+    """As users run it on GPUs, inside ``torch.autocast``: the search's in-place weight updates must reach the
+    forward (autocast's cache of cast weights would keep every adapter at its zero-initialised B)."""
+    model, data = toy_task(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plan = allocate("prune", model, budget=TOY_BUDGET, data=data[:32], keep=0.5, warmup=40, refit=5, lr=0.02,
+                        estimate=estimate, probes=2)
+    assert torch.is_autocast_cache_enabled()
+    assert set(plan.modules) == {"layers.0.proj"}
+    (importance,) = plan.meta["scores"]["rounds"]
+    assert importance["layers.0.proj"] > 10 * abs(importance["layers.1.proj"])
+
+
 def test_prune_restarts_keep_the_most_frequent_survivors():
     model, data = toy_task(3)
     options = dict(budget=TOY_BUDGET, data=data[:32], keep=0.5, warmup=40, refit=5, lr=0.02)

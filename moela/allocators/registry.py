@@ -8,6 +8,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+import torch
 from torch import nn
 
 from ..plan import AllocationPlan
@@ -108,7 +109,8 @@ def allocate(method: str, model: nn.Module, *, targets: Any = "all-linear", budg
         raise ValueError(f"{method}: top_k={top_k} is larger than the number of experts ({experts})")
     with warnings.catch_warnings(record=True) as caught:  # an impossible budget's error supersedes its warning
         warnings.simplefilter("always")
-        plan = entry.fn(model, targets=targets, budget=budget, data=data, seed=seed, **options)
+        plan = _without_autocast_cache(entry.fn, model, targets=targets, budget=budget, data=data, seed=seed,
+                                       **options)
         if budget is not None and entry.every_target:  # an allocator that only warned about an impossible budget
             from ..plan import find_targets
             from .budget import TOLERANCE, parse_budget, plan_cost, routed, target_dims
@@ -122,3 +124,14 @@ def allocate(method: str, model: nn.Module, *, targets: Any = "all-linear", budg
         warnings.warn(warning.message, warning.category, stacklevel=2)
     return plan
 
+
+def _without_autocast_cache(fn: Callable[..., AllocationPlan], *args: Any, **kwargs: Any) -> AllocationPlan:
+    """``fn(*args, **kwargs)`` with autocast's cache of cast weights off. ``prune`` and ``guilomo`` train and
+    perturb weights in place inside the allocation; under a caller's ``torch.autocast``, a cached bf16 copy would
+    keep the first value of each weight, so every adapter would stay at its initialisation."""
+    cache = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_autocast_cache_enabled(cache)
