@@ -8,9 +8,12 @@ import transformers
 
 import moela
 from moela.allocators import allocate
-from moela.plan import AllocationPlan, ModulePlan, layer_index
+from moela.allocators.probe import swapped
+from moela.allocators.prune import ablation_importance, taylor_importance
+from moela.layer import LoraMoELinear
+from moela.plan import AllocationPlan, ModulePlan, find_targets, layer_index
 
-from tests.helpers import toy_task
+from tests.helpers import batch, tiny_model, toy_task
 
 TOY_BUDGET = 128  # rank 4 in all on two 16 × 16 maps: rank 2 each (uniform) or rank 4 on one (oracle)
 
@@ -26,8 +29,8 @@ def distill_loss(plan: AllocationPlan, seed: int) -> float:
     torch.manual_seed(seed)
     train, held = data[:32], data[32:]
     for _ in range(8):
-        for batch in train:
-            loss = model(**batch).loss
+        for b in train:
+            loss = model(**b).loss
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -133,16 +136,12 @@ def test_prune_gives_ranks_by_final_importance_when_asked():
 def test_prune_taylor_estimate_is_the_ablation_where_the_loss_is_quadratic():
     """The toy's loss is quadratic in each adapter's output scale, so the second-order expansion is exact: alone,
     Hutchinson's z² = 1 makes the estimate the ablation; together, it converges to it as the probes grow."""
-    from moela.allocators.probe import swapped
-    from moela.allocators.prune import ablation_importance, taylor_importance
-    from moela.layer import LoraMoELinear
-
     model, data = toy_task(3)
     names, val, cpu = ["layers.0.proj", "layers.1.proj"], data[32:36], torch.device("cpu")
     with swapped(model, names, lambda base: LoraMoELinear(base, [4], top_k=1), 0) as layers:
         for layer in layers.values():
             torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
-        exact = ablation_importance(model, layers, names, val, torch.device("cpu"))
+        exact = ablation_importance(model, layers, names, val, cpu)
         for name in names:
             alone = taylor_importance(model, layers, [name], val, cpu, 1, torch.Generator())
             assert alone[name] == pytest.approx(exact[name], rel=1e-4)
@@ -154,13 +153,6 @@ def test_prune_taylor_estimate_is_the_ablation_where_the_loss_is_quadratic():
 def test_prune_taylor_estimate_approaches_the_ablation_through_a_transformer():
     """Through a tiny Llama (attention's second derivatives on the math kernel) the expansion's error shrinks with
     the adapters' size: third-order terms only."""
-    from moela.allocators.probe import swapped
-    from moela.allocators.prune import ablation_importance, taylor_importance
-    from moela.layer import LoraMoELinear
-    from moela.plan import find_targets
-
-    from tests.helpers import batch, tiny_model
-
     model = tiny_model("llama")
     names = find_targets(model, "all-linear")[:14]  # the first two blocks
     val = []
