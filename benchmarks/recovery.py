@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+import torch.nn.functional as F
 
 import moela
 from moela.allocators import allocate
@@ -220,24 +221,51 @@ def plan_for(method: str, model: torch.nn.Module, planted: dict[str, int], data:
     return plan, time.perf_counter() - start
 
 
+STOP_TEXTS, STOP_EVERY, STOP_PATIENCE = 64, 25, 4  # --students sampled: early stopping on the user's own data
+
+
+def sampled_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of sampled ``labels`` (transformers' shift: the logits at t predict label t + 1)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+
 def train_student(plan: AllocationPlan, ids: torch.Tensor, targets: torch.Tensor, val_ids: torch.Tensor,
-                  val_targets: torch.Tensor, seed: int, steps: int, batch: int, lr: float) -> float:
-    """Inject ``plan`` into a fresh base, AdamW on the adapter with KL + ``BALANCE_COEF`` · balance loss (the
-    layers' built-in auxiliary gradient); held-out KL."""
+                  val_targets: torch.Tensor, seed: int, steps: int, batch: int, lr: float,
+                  labels: torch.Tensor | None = None) -> float:
+    """Inject ``plan`` into a fresh base, AdamW on the adapter + ``BALANCE_COEF`` · balance loss (the layers'
+    built-in auxiliary gradient); held-out KL. The loss is the KL to ``targets``, or, given sampled ``labels``,
+    their cross-entropy on all but the last ``STOP_TEXTS`` texts (a quarter of fewer texts), whose labels' cross-entropy (every
+    ``STOP_EVERY`` steps) picks the adapter kept and stops the training after ``STOP_PATIENCE`` checks without a
+    new best: what a user with only such data does."""
     torch.manual_seed(seed)
     student = moela.inject(load_base(), plan, balance_coef=BALANCE_COEF)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps))
-    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
-    student.train()
+    fit = len(ids) - (min(STOP_TEXTS, len(ids) // 4) if labels is not None else 0)
+    order = torch.randperm(fit, generator=torch.Generator().manual_seed(seed))
+    best, best_params, misses = math.inf, None, 0
     for step in range(steps):
-        rows = order[(step * batch + torch.arange(batch)) % len(ids)]
-        loss = kl(student(input_ids=ids[rows]).logits, targets[rows])
+        student.train()
+        rows = order[(step * batch + torch.arange(batch)) % fit]
+        logits = student(input_ids=ids[rows]).logits
+        loss = kl(logits, targets[rows]) if labels is None else sampled_ce(logits, labels[rows])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+        if labels is not None and (step + 1) % STOP_EVERY == 0:
+            student.eval()
+            with torch.no_grad():
+                stop_loss = sampled_ce(student(input_ids=ids[fit:]).logits, labels[fit:]).item()
+            if stop_loss < best:
+                best, best_params, misses = stop_loss, [p.detach().clone() for p in params], 0
+            elif (misses := misses + 1) >= STOP_PATIENCE:
+                break
+    if best_params is not None:
+        with torch.no_grad():
+            for p, b in zip(params, best_params):
+                p.copy_(b)
     student.eval()
     with torch.no_grad():
         return float(np.mean([kl(student(input_ids=val_ids[i:i + 64]).logits, val_targets[i:i + 64]).item()
@@ -274,13 +302,18 @@ def run(args: argparse.Namespace) -> list[dict]:
         with torch.no_grad():
             base_kl = kl(base(input_ids=val_ids).logits, val_targets).item()
         setups[scenario] = planted, targets, val_targets, base_kl, teacher, probe_targets
+    default_probe = args.train if args.students == "sampled" else PROBE  # the probe size rows are not labelled with
     for seed in args.seeds:  # seed-major, so that an interrupted run has every scenario at the first seeds
         for scenario in args.scenarios:
             planted, targets, val_targets, base_kl, teacher, probe_targets = setups[scenario]
-            data = sampled_examples(probe_ids, probe_targets, seed, args.samples)
+            if args.students == "sampled":  # the students' own examples; the allocators see the first --probe
+                student_data = sampled_examples(ids, targets, seed)
+                labels, data = torch.tensor([e["labels"] for e in student_data]), student_data[:args.probe]
+            else:
+                labels, data = None, sampled_examples(probe_ids, probe_targets, seed, args.samples)
             for method in args.methods:
                 label = (method + (f"×{args.samples}" if args.samples > 1 else "") + SOFT_LABEL[args.soft]
-                         + TEACHER_LABEL[args.teacher] + (f"@{args.probe}" if args.probe != PROBE else ""))
+                         + TEACHER_LABEL[args.teacher] + (f"@{args.probe}" if args.probe != default_probe else ""))
                 if (scenario, label, seed) in done:
                     continue
                 try:
@@ -295,9 +328,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                     save(args.out, rows)
                     continue
                 t0 = time.perf_counter()
-                loss = (train_student(plan, ids, targets, val_ids, val_targets, seed, args.steps, args.batch, args.lr)
-                        if method not in args.plan_only else None)
-                row = {"scenario": scenario, "method": label, "seed": seed, "loss": loss, "base_kl": base_kl,
+                loss = (train_student(plan, ids, targets, val_ids, val_targets, seed, args.steps, args.batch, args.lr,
+                                      labels) if method not in args.plan_only else None)
+                row = {"scenario": scenario, "method": label, "seed": seed, "students": args.students,
+                       "loss": loss, "base_kl": base_kl,
                        "alloc_s": round(seconds, 3), "train_s": round(time.perf_counter() - t0, 3),
                        **plan_stats(plan, base, planted)}
                 if "unmoved" in plan.meta:
@@ -328,12 +362,16 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
     labels = list(dict.fromkeys(r["method"] for r in rows))
     methods = [m for m in METHODS if m in labels] + [m for m in labels if m not in METHODS]
     seeds = sorted({r["seed"] for r in rows if "error" not in r})
+    students = {r.get("students", "kl") for r in rows if "error" not in r}
+    if len(students) > 1:
+        raise SystemExit("recovery: the results mix students trained on KL and on sampled labels; report them apart")
+    on = "one sampled label per position" if students == {"sampled"} else "KL to the teacher's distributions"
     failed = {(r["scenario"], r["method"]): r["error"] for r in rows if "error" in r}
     get = {(r["scenario"], r["method"], r["seed"]): r for r in rows if "error" not in r}
     lines = [f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s) per process; seeds "
              f"{', '.join(map(str, seeds))}; budget "
              f"`{args.budget}` on all 35 linear maps of stories260k; students trained {args.steps} steps of "
-             f"{args.batch} × {args.length} tokens (lr {args.lr}); held-out KL on {args.val} texts.", ""]
+             f"{args.batch} × {args.length} tokens (lr {args.lr}) on {on}; held-out KL on {args.val} texts.", ""]
     for scenario in scenarios:
         planted = {k: v for k, v in SCENARIOS[scenario].items()}
         desc = ", ".join(f"{b}.{t}:{k}" for (b, t), k in planted.items())
@@ -452,9 +490,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gamma", type=float, default=0.3, help="planted spectral norm relative to ‖W‖_2")
     parser.add_argument("--train", type=int, default=512)
     parser.add_argument("--val", type=int, default=128)
-    parser.add_argument("--probe", type=int, default=PROBE,
+    parser.add_argument("--probe", type=int,
                         help="texts the data-driven allocators see: the first of the students' --train texts, "
-                             "then (beyond --train) texts that neither the students nor the held-out set use")
+                             "then (beyond --train) texts that neither the students nor the held-out set use "
+                             f"(default {PROBE}; with --students sampled, all --train texts)")
     parser.add_argument("--samples", type=int, default=1,
                         help="labels drawn from the teacher per probe text (methods are reported as NAME×S when > 1)")
     parser.add_argument("--soft", nargs="?", const="all", choices=SOFT,
@@ -467,10 +506,16 @@ def main(argv: list[str] | None = None) -> None:
                              "library's way to --soft's KL, the teacher run on every probe batch: every position "
                              "(no value or 'inputs', NAME/teacher, as --soft and the students) or those with a "
                              "label, which leaves out the last one ('labels', NAME/teacher-labels)")
+    parser.add_argument("--students", choices=("kl", "sampled"), default="kl",
+                        help="what the students train on: the teacher's next-token distributions (KL, default) or "
+                             "one label per position sampled from the teacher, the allocators' probe then being "
+                             "the first --probe of those same examples (a user's one dataset; keep its rows in "
+                             "their own --out file)")
     parser.add_argument("--length", type=int, default=48)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int,
+                        help="student training steps (default 600; --students sampled: at most 1000, stopped early)")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1.5e-2)
+    parser.add_argument("--lr", type=float, help="student learning rate (default 1.5e-2; --students sampled: 2e-3)")
     parser.add_argument("--pairs", nargs="*", default=[], metavar="A:B",
                         help="also report the paired differences of these rows' held-out KL (row labels)")
     parser.add_argument("--plan-only", nargs="*", default=[], metavar="METHOD",
@@ -481,6 +526,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--soft replaces the sampled labels: give it without --samples")
     if args.soft and args.teacher:
         parser.error("--soft and --teacher are two ways to the same probe loss: give one")
+    sampled = args.students == "sampled"
+    args.probe = args.probe or (args.train if sampled else PROBE)
+    args.steps = args.steps or (1000 if sampled else 600)  # sampled: an upper bound, early stopping ends it
+    args.lr = args.lr or (2e-3 if sampled else 1.5e-2)
+    if args.students == "sampled" and (args.samples > 1 or args.probe > args.train):
+        parser.error("--students sampled: the probe is part of the students' data (--probe ≤ --train, one sample)")
     if args.report_only is not None:
         rows = [r for f in (args.report_only or [args.out]) for r in json.loads(Path(f).read_text())]
     else:

@@ -218,3 +218,72 @@ def test_prune_fit_curve_starts_at_the_base_and_both_probes_learn(recovery, monk
     other = prune_fit.adapted_maps(names, planted, "other", seed=0)
     assert len(other) == 2 and not set(other) & set(planted)  # as many maps, none planted
     assert prune_fit.adapted_maps(names, planted, "planted", seed=0) == ["b", "d"]
+
+
+def test_students_on_sampled_labels_train_on_the_examples_the_allocators_probe(recovery, tmp_path, monkeypatch):
+    """``--students sampled``: the students' cross-entropy labels are the sampled examples whose first ``--probe``
+    the allocators see (all of them by default, rows then unlabelled by probe); such rows are not reported with
+    rows of students trained on KL."""
+    seen = {}
+    plan_for, train_student = recovery.plan_for, recovery.train_student
+
+    def recording_plan(method, model, planted, data, seed, budget):
+        seen[method] = data
+        return plan_for(method, model, planted, data, seed, budget)
+
+    def recording_train(*args):
+        seen["labels"] = args[-1]
+        return train_student(*args)
+
+    monkeypatch.setattr(recovery, "plan_for", recording_plan)
+    monkeypatch.setattr(recovery, "train_student", recording_train)
+    out = tmp_path / "sampled.json"
+    argv = ["--students", "sampled", "--scenarios", "deep", "--methods", "uniform", "prune", "--seeds", "0",
+            "--steps", "2", "--train", "16", "--val", "8", "--length", "12", "--no-write", "--out", str(out)]
+    recovery.main(argv)
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["students"]) for r in rows] == [("uniform", "sampled"), ("prune", "sampled")]
+    assert all(r["loss"] > 0 for r in rows)
+    labels = torch.tensor([e["labels"] for e in seen["prune"]])
+    assert labels.shape == (16, 12) and torch.equal(seen["labels"], labels)
+    recovery.main([*argv, "--probe", "8", "--methods", "prune"])
+    assert json.loads(out.read_text())[-1]["method"] == "prune@8"
+    assert torch.equal(torch.tensor([e["labels"] for e in seen["prune"]]), labels[:8])
+    with pytest.raises(SystemExit):
+        recovery.main([*argv, "--probe", "20"])  # the probe must be part of the students' data
+    kl_rows = tmp_path / "kl.json"
+    kl_rows.write_text(json.dumps([{**rows[0], "students": "kl"}]))
+    with pytest.raises(SystemExit, match="mix"):
+        recovery.main(["--report-only", str(out), str(kl_rows), "--no-write"])
+
+
+def test_students_on_sampled_labels_stop_when_their_own_held_out_labels_stop_improving(recovery, teacher_data,
+                                                                                         monkeypatch):
+    """Scripted stopping losses 3, 2, 2.5, 2.6: training ends at the fourth check (``STOP_PATIENCE`` = 2 misses
+    after the best) and the adapter kept is the one of the second check, the best."""
+    ids, targets = teacher_data
+    labels = torch.tensor([e["labels"] for e in recovery.sampled_examples(ids, targets, seed=0)])
+    students, snapshots, scripted = [], [], iter([3.0, 2.0, 2.5, 2.6, 1.0])
+    inject, sampled_ce = recovery.moela.inject, recovery.sampled_ce
+
+    def recording_inject(*args, **kwargs):
+        students.append(inject(*args, **kwargs))
+        return students[-1]
+
+    def scripted_ce(logits, labels):
+        if torch.is_grad_enabled():
+            return sampled_ce(logits, labels)
+        snapshots.append([p.detach().clone() for p in students[-1].parameters() if p.requires_grad])
+        return torch.tensor(next(scripted))
+
+    monkeypatch.setattr(recovery.moela, "inject", recording_inject)
+    monkeypatch.setattr(recovery, "sampled_ce", scripted_ce)
+    monkeypatch.setattr(recovery, "STOP_EVERY", 1)
+    monkeypatch.setattr(recovery, "STOP_PATIENCE", 2)
+    plan = recovery.allocate("uniform", recovery.load_base(), targets="all-linear", budget="uniform:E=1,r=2")
+    loss = recovery.train_student(plan, ids, targets, ids, targets, seed=0, steps=50, batch=4, lr=1e-2,
+                                  labels=labels)
+    assert len(snapshots) == 4 and loss > 0
+    kept = [p for p in students[-1].parameters() if p.requires_grad]
+    assert all(torch.equal(k, b) for k, b in zip(kept, snapshots[1]))
+    assert not all(torch.equal(k, b) for k, b in zip(kept, snapshots[3]))
