@@ -125,7 +125,8 @@ def floor(threads: int) -> None:
               f"{work / 1e12:.1f} TFLOP, at least {work / rate / 60:.1f} min at that rate")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict | None:
+    """Print the tables; return ``{variant: 7B estimate in minutes}`` (None with ``--floor``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -133,7 +134,8 @@ def main() -> None:
     parser.add_argument("--no-svdvals", action="store_true", help="leave out the slow reference svdvals")
     parser.add_argument("--floor", action="store_true", help="only the least time at this CPU's GEMM rate")
     parser.add_argument("--device", default="cpu", help="where the matrices live (cuda: the device paths only)")
-    args = parser.parse_args()
+    parser.add_argument("--no-real", action="store_true", help="leave out float32 against float64 on real models")
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.floor:
         return floor(args.threads)
@@ -199,12 +201,14 @@ def main() -> None:
     base = {key: statistics.median(seconds[("float64 before", key)]) for key in shapes}
     print(f"| variant | {hidden}×{hidden} s | {inter}×{hidden} s | vs float64 before | 7B estimate | 70B estimate |")
     print("|---|---|---|---|---|---|")
+    minutes = {}
     for name in variants:
         t4, t11 = (statistics.median(seconds[(name, key)]) for key in shapes)
         tf = fit["reference" if name.startswith("svdvals") else "fixed"]
         b7 = 32 * (4 * t4 + 3 * t11 + 7 * tf)
         b70 = 80 * (2 * 8 * t4 + 2 * t4 / 8 + 3 * 10.4 * t11 + 7 * tf)
         ratio = (4 * t4 + 3 * t11) / (4 * base["4096"] + 3 * base["11008"])
+        minutes[name] = b7 / 60
         print(f"| {name} | {t4:.2f} | {t11:.2f} | {ratio:.2f}× | {b7 / 60:.1f} min | {b70 / 3600:.1f} h |")
     print("\nrounds: " + "; ".join(f"{n} {k}: " + ",".join(f"{t:.1f}" for t in seconds[(n, k)])
                                   for n in variants for k in shapes))
@@ -213,6 +217,8 @@ def main() -> None:
           f"{inter}×{hidden} {max(errors['11008']):.2e} ({len(errors['11008'])}); "
           f"float64 blocked and ×2 workers against float64 before: {max(errors['threads']):.1e}")
 
+    if args.no_real:
+        return minutes
     from moela.allocators import allocate
     from moela.plan import find_targets, layer_index
 
@@ -229,6 +235,7 @@ def main() -> None:
         print(f"{label}: {len(names)} matrices, max |Δα| {max(diffs):.2e}, median {statistics.median(diffs):.1e}; "
               f"experts per block float64 {per_block['float64']}, float32 {per_block['float32']}, "
               f"identical: {per_block['float64'] == per_block['float32']}")
+    return minutes
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """The GPU acceptance check behind ``benchmarks/gpu_check.sh``: the layer and training-step benchmarks in bf16,
 a short bf16 training run of the built-in demo, and the same run under ``configs/accelerate/fsdp.yaml`` on one
-GPU; one summary table against the targets; exit status 1 if a target is missed or a run fails.
+GPU, and the time of AlphaLoRA's spectra at Llama-2-7B's shapes on the GPU (``alphalora_speed.py``); one summary
+table against the targets; exit status 1 if a target is missed or a run fails.
 
 Targets (README, Performance): the per-expert loop at least 3× slower than moela (layer and training step), a
-moela training step at most 1.10× PEFT LoRA's at the same budget, activation memory at most 1.10× PEFT's.
+moela training step at most 1.10× PEFT LoRA's at the same budget, activation memory at most 1.10× PEFT's,
+AlphaLoRA's float64 spectra of a 7B model in at most 5 minutes (issue 15's target, estimated from two shapes).
 
 ``--device cpu --quick`` runs every command on CPU with tiny sizes to check the commands and their flags, not
 the numbers.
@@ -23,6 +25,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+import alphalora_speed  # noqa: E402
 import layer_speed  # noqa: E402
 import speed  # noqa: E402
 
@@ -85,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     rows += [("training step: loop / moela uniform", f"{loop:.2f}", ">= 3", judged(loop >= 3)),
              ("training step: moela uniform / PEFT LoRA", f"{step:.3f}", "<= 1.10", judged(step <= 1.10)),
              ("activation memory: moela uniform / PEFT LoRA", f"{memory:.3f}", "<= 1.10", judged(memory <= 1.10))]
+
+    print("## alphalora_speed", flush=True)
+    minutes = alphalora_speed.main(["--device", args.device, "--no-svdvals", "--no-real"]
+                                   + (["--scale", "0.03", "--rounds", "1"] if args.quick else ["--rounds", "2"]))
+    rows += [("AlphaLoRA spectra of Llama-2-7B, float64: minutes", f"{minutes['float64']:.1f}", "<= 5",
+              judged(minutes["float64"] <= 5)),
+             ("AlphaLoRA spectra of Llama-2-7B, float32: minutes", f"{minutes['float32']:.1f}", "(info)", None)]
 
     demo = ["run", "adapter.method=uniform", "train.precision=bf16", f"train.max_steps={args.steps}",
             "train.progress=false", "--overwrite"] + (["data.max_eval_samples=32"] if args.quick else [])

@@ -365,12 +365,15 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
     students = {r.get("students", "kl") for r in rows if "error" not in r}
     if len(students) > 1:
         raise SystemExit("recovery: the results mix students trained on KL and on sampled labels; report them apart")
-    on = "one sampled label per position" if students == {"sampled"} else "KL to the teacher's distributions"
+    on = (f"one sampled label per position, stopped early on {STOP_TEXTS} of their {args.train} texts (every "
+          f"{STOP_EVERY} steps, patience {STOP_PATIENCE})" if students == {"sampled"}
+          else "KL to the teacher's distributions")
     failed = {(r["scenario"], r["method"]): r["error"] for r in rows if "error" in r}
     get = {(r["scenario"], r["method"], r["seed"]): r for r in rows if "error" not in r}
     lines = [f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s) per process; seeds "
              f"{', '.join(map(str, seeds))}; budget "
-             f"`{args.budget}` on all 35 linear maps of stories260k; students trained {args.steps} steps of "
+             f"`{args.budget}` on all 35 linear maps of stories260k; students trained "
+             f"{'at most ' if students == {'sampled'} else ''}{args.steps} steps of "
              f"{args.batch} × {args.length} tokens (lr {args.lr}) on {on}; held-out KL on {args.val} texts.", ""]
     for scenario in scenarios:
         planted = {k: v for k, v in SCENARIOS[scenario].items()}

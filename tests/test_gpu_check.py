@@ -30,3 +30,11 @@ def test_the_functions_it_calls_exist():
     spec.loader.exec_module(check)
     assert callable(check.layer_speed.ratio) and callable(check.layer_speed.main)
     assert callable(check.speed.paired) and callable(check.speed.main) and "loop" in check.speed.VARIANTS
+
+
+def test_alphalora_speed_returns_the_7b_estimates_the_check_judges(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import alphalora_speed
+
+    minutes = alphalora_speed.main(["--scale", "0.03", "--rounds", "1", "--no-svdvals", "--no-real", "--threads", "1"])
+    assert {"float64", "float32"} <= set(minutes) and all(m > 0 for m in minutes.values())
