@@ -6,7 +6,8 @@ linear maps. Inputs are real text (LLM-Adapters questions, ../shared/data). The 
 a LoRA-MoE of the plan under test, trained by distillation: the loss is ``KL(teacher ‖ student)`` of the
 next-token distributions, averaged over tokens. Every plan gets the same budget (``--budget``). Allocators see
 what a user would give them: the texts with labels sampled from the teacher (so ``model(**batch).loss`` is an
-unbiased estimate of the cross-entropy to the teacher).
+unbiased estimate of the cross-entropy to the teacher). ``--students sampled`` trains the students on such labels
+too (cross-entropy, stopped early on 64 of their texts) and gives the allocators those same examples.
 
 Reported per scenario and method, over seeds (a seed fixes the student's initial weights, the data order, the
 allocator's randomness and its probe sample; the teacher and the texts are the same for every seed):
@@ -37,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 import torch.nn.functional as F
+import transformers
 
 import moela
 from moela.allocators import allocate
@@ -234,9 +235,9 @@ def train_student(plan: AllocationPlan, ids: torch.Tensor, targets: torch.Tensor
                   labels: torch.Tensor | None = None) -> float:
     """Inject ``plan`` into a fresh base, AdamW on the adapter + ``BALANCE_COEF`` · balance loss (the layers'
     built-in auxiliary gradient); held-out KL. The loss is the KL to ``targets``, or, given sampled ``labels``,
-    their cross-entropy on all but the last ``STOP_TEXTS`` texts (a quarter of fewer texts), whose labels' cross-entropy (every
-    ``STOP_EVERY`` steps) picks the adapter kept and stops the training after ``STOP_PATIENCE`` checks without a
-    new best: what a user with only such data does."""
+    their cross-entropy on all but the last ``STOP_TEXTS`` texts (a quarter of fewer texts), whose labels'
+    cross-entropy (every ``STOP_EVERY`` steps) picks the adapter kept and stops the training after
+    ``STOP_PATIENCE`` checks without a new best: what a user with only such data does."""
     torch.manual_seed(seed)
     student = moela.inject(load_base(), plan, balance_coef=BALANCE_COEF)
     params = [p for p in student.parameters() if p.requires_grad]
@@ -302,7 +303,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         with torch.no_grad():
             base_kl = kl(base(input_ids=val_ids).logits, val_targets).item()
         setups[scenario] = planted, targets, val_targets, base_kl, teacher, probe_targets
-    default_probe = args.train if args.students == "sampled" else PROBE  # the probe size rows are not labelled with
+    default_probe = args.train if args.students == "sampled" else PROBE  # rows of other probe sizes are NAME@N
     for seed in args.seeds:  # seed-major, so that an interrupted run has every scenario at the first seeds
         for scenario in args.scenarios:
             planted, targets, val_targets, base_kl, teacher, probe_targets = setups[scenario]
@@ -529,15 +530,17 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--soft replaces the sampled labels: give it without --samples")
     if args.soft and args.teacher:
         parser.error("--soft and --teacher are two ways to the same probe loss: give one")
+    rows = ([r for f in (args.report_only or [args.out]) for r in json.loads(Path(f).read_text())]
+            if args.report_only is not None else None)
+    if rows and all(r.get("students") == "sampled" for r in rows):
+        args.students = "sampled"  # the report's defaults are those of the rows' runs
     sampled = args.students == "sampled"
     args.probe = args.probe or (args.train if sampled else PROBE)
     args.steps = args.steps or (1000 if sampled else 600)  # sampled: an upper bound, early stopping ends it
     args.lr = args.lr or (2e-3 if sampled else 1.5e-2)
-    if args.students == "sampled" and (args.samples > 1 or args.probe > args.train):
+    if sampled and (args.samples > 1 or args.probe > args.train):
         parser.error("--students sampled: the probe is part of the students' data (--probe ≤ --train, one sample)")
-    if args.report_only is not None:
-        rows = [r for f in (args.report_only or [args.out]) for r in json.loads(Path(f).read_text())]
-    else:
+    if rows is None:
         rows = run(args)
     text = report(rows, args)
     print(text)
