@@ -230,6 +230,12 @@ def sampled_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
 
 
+def probe_default(students: str, train: int) -> int:
+    """The probe size rows are not labelled with: ``PROBE`` texts, or all the students' texts when they train on
+    the sampled labels the allocators probe."""
+    return train if students == "sampled" else PROBE
+
+
 def train_student(plan: AllocationPlan, ids: torch.Tensor, targets: torch.Tensor, val_ids: torch.Tensor,
                   val_targets: torch.Tensor, seed: int, steps: int, batch: int, lr: float,
                   labels: torch.Tensor | None = None) -> float:
@@ -246,8 +252,8 @@ def train_student(plan: AllocationPlan, ids: torch.Tensor, targets: torch.Tensor
     fit = len(ids) - (min(STOP_TEXTS, len(ids) // 4) if labels is not None else 0)
     order = torch.randperm(fit, generator=torch.Generator().manual_seed(seed))
     best, best_params, misses = math.inf, None, 0
+    student.train()
     for step in range(steps):
-        student.train()
         rows = order[(step * batch + torch.arange(batch)) % fit]
         logits = student(input_ids=ids[rows]).logits
         loss = kl(logits, targets[rows]) if labels is None else sampled_ce(logits, labels[rows])
@@ -259,6 +265,7 @@ def train_student(plan: AllocationPlan, ids: torch.Tensor, targets: torch.Tensor
             student.eval()
             with torch.no_grad():
                 stop_loss = sampled_ce(student(input_ids=ids[fit:]).logits, labels[fit:]).item()
+            student.train()
             if stop_loss < best:
                 best, best_params, misses = stop_loss, [p.detach().clone() for p in params], 0
             elif (misses := misses + 1) >= STOP_PATIENCE:
@@ -303,7 +310,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         with torch.no_grad():
             base_kl = kl(base(input_ids=val_ids).logits, val_targets).item()
         setups[scenario] = planted, targets, val_targets, base_kl, teacher, probe_targets
-    default_probe = args.train if args.students == "sampled" else PROBE  # rows of other probe sizes are NAME@N
+    default_probe = probe_default(args.students, args.train)  # rows of other probe sizes are NAME@N
     for seed in args.seeds:  # seed-major, so that an interrupted run has every scenario at the first seeds
         for scenario in args.scenarios:
             planted, targets, val_targets, base_kl, teacher, probe_targets = setups[scenario]
@@ -535,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
     if rows and all(r.get("students") == "sampled" for r in rows):
         args.students = "sampled"  # the report's defaults are those of the rows' runs
     sampled = args.students == "sampled"
-    args.probe = args.probe or (args.train if sampled else PROBE)
+    args.probe = args.probe or probe_default(args.students, args.train)
     args.steps = args.steps or (1000 if sampled else 600)  # sampled: an upper bound, early stopping ends it
     args.lr = args.lr or (2e-3 if sampled else 1.5e-2)
     if sampled and (args.samples > 1 or args.probe > args.train):

@@ -158,10 +158,10 @@ def classify(model: nn.Module, features: Sequence[dict], pad_token_id: int, batc
     return predictions
 
 
-def evaluate_accuracy(model: nn.Module, tokenizer, records: Sequence[dict], kind: str, *, protocol: str = "auto",
-             features: Sequence[dict] | None = None, template: str = "alpaca", max_new_tokens: int = 32,
-             num_beams: int = 1, length_normalize: bool = False, batch_size: int = 16,
-             routing: RoutingCounter | None = None) -> tuple[dict, list[dict]]:
+def evaluate_accuracy(model: nn.Module, tokenizer, records: Sequence[dict], kind: str, *,
+                      protocol: str = "auto", features: Sequence[dict] | None = None, template: str = "alpaca",
+                      max_new_tokens: int = 32, num_beams: int = 1, length_normalize: bool = False,
+                      batch_size: int = 16, routing: RoutingCounter | None = None) -> tuple[dict, list[dict]]:
     """Accuracy of ``model`` on ``records``: (metrics, per-record predictions). ``protocol`` ``auto`` is
     ``classification`` or ``multiple_choice`` for those data kinds (``classification`` given for multiple-choice
     data is read as ``multiple_choice``) and ``generation`` for instruction data;

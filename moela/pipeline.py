@@ -164,9 +164,9 @@ def evaluate_model(model: nn.Module, settings: Settings, prepared: Prepared,
     if not prepared.eval_records:
         raise ValueError("no evaluation data: set data.eval or data.val_size")
     return evaluate_accuracy(model, prepared.tokenizer, prepared.eval_records, prepared.kind, protocol=ev.protocol,
-                    features=prepared.eval_features, template=settings.data.template,
-                    max_new_tokens=ev.max_new_tokens, num_beams=ev.num_beams, length_normalize=ev.length_normalize,
-                    batch_size=ev.batch_size, routing=routing)
+                             features=prepared.eval_features, template=settings.data.template,
+                             max_new_tokens=ev.max_new_tokens, num_beams=ev.num_beams,
+                             length_normalize=ev.length_normalize, batch_size=ev.batch_size, routing=routing)
 
 
 def evaluate_and_report(model: nn.Module, settings: Settings, prepared: Prepared, plan: AllocationPlan,
@@ -243,7 +243,7 @@ def run(settings: Settings, *, overwrite: bool = False, resume: bool = False,
         if resume and latest is None and main:
             print(f"[{method}] no checkpoint in {checkpoints}; training from the start", flush=True)
         history = train_adapter(model, prepared.train_features, prepared.tokenizer.pad_token_id, settings.train,
-                        checkpoints, resume=latest if resume else None, save_to=run_dir)
+                                checkpoints, resume=latest if resume else None, save_to=run_dir)
         if not main:
             return None
         run_folder.write_json(run_dir / "train_log.json", history)

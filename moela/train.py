@@ -203,8 +203,8 @@ def training_arguments(cfg: TrainSettings, output_dir: str | Path, num_examples:
 
 
 def train_adapter(model: nn.Module, features: Sequence[dict], pad_token_id: int, cfg: TrainSettings,
-          output_dir: str | Path, *, resume: str | bool | None = None,
-          save_to: str | Path | None = None) -> dict[str, Any]:
+                  output_dir: str | Path, *, resume: str | bool | None = None,
+                  save_to: str | Path | None = None) -> dict[str, Any]:
     """Train the adapter (and the ``modules_to_save`` of its config) of ``model`` on tokenised ``features``;
     checkpoints go to ``output_dir``; the final adapter to ``save_to/adapter`` (every process must call this;
     the main one writes). ``resume``: a checkpoint folder, or True for the latest one there. Returns the

@@ -139,7 +139,8 @@ def test_a_sharded_config_that_accelerate_trains_as_ddp_is_named(tmp_path, monke
     model = tiny_model("llama")
     moela.inject(model, moela.AllocationPlan.uniform(model, ["q_proj"], experts=2, rank=2), dropout=0.0)
     with pytest.warns(UserWarning, match="accelerate does not shard CPU processes: this FSDP config trains as plain"):
-        result = train_adapter(model, examples(4), 0, TrainSettings(max_steps=1, batch_size=2, progress=False), tmp_path)
+        settings = TrainSettings(max_steps=1, batch_size=2, progress=False)
+        result = train_adapter(model, examples(4), 0, settings, tmp_path)
     assert result["sharded"] is False
 
 
