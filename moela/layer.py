@@ -27,16 +27,21 @@ def linear_dims(base: nn.Module) -> tuple[int, int]:
     raise TypeError(f"{type(base).__name__} is not a linear layer (nn.Linear or transformers Conv1D)")
 
 
+def _hook_free() -> bool:
+    """No global module hooks and no JIT tracing: what :func:`_plain` assumes of the process."""
+    return not (_module._global_forward_pre_hooks or _module._global_forward_hooks
+                or _module._global_backward_pre_hooks or _module._global_backward_hooks
+                or torch._C._get_tracing_state())
+
+
 def _plain(module: nn.Module, cls: type) -> bool:
-    """Whether ``module(x)`` only runs ``cls.forward`` on the parameters in ``module._parameters``: ``module`` is
-    exactly a ``cls`` (no subclass, no parametrization), and ``nn.Module.__call__`` would do nothing but call
-    ``forward`` (its own test: no hooks on the module nor global ones, so that hook-based sharding such as ZeRO-3
-    or FSDP sees every call it hooked; and no ``module.compile()``, no JIT tracing)."""
-    return (type(module) is cls and not (
-        module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks
-        or _module._global_forward_pre_hooks or _module._global_forward_hooks
-        or _module._global_backward_pre_hooks or _module._global_backward_hooks)
-        and module._compiled_call_impl is None and not torch._C._get_tracing_state())
+    """Given :func:`_hook_free`, whether ``module(x)`` only runs ``cls.forward`` on the parameters in
+    ``module._parameters``: ``module`` is exactly a ``cls`` (no subclass, no parametrization), has no hooks of its
+    own (so that hook-based sharding such as ZeRO-3 or FSDP sees every call it hooked), no ``forward`` of its own
+    (accelerate's offloading wraps it so) and is not compiled (``module.compile()``)."""
+    return (type(module) is cls and not (module._forward_pre_hooks or module._forward_hooks
+                                         or module._backward_pre_hooks or module._backward_hooks)
+            and "forward" not in module.__dict__ and module._compiled_call_impl is None)
 
 
 class RouterStats:
@@ -236,7 +241,7 @@ class LoraMoELinear(nn.Module):
         object.__setattr__(self, "last_stats", stats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training or torch.is_grad_enabled()) and self._inferable(x):
+        if not (self.training or torch.is_grad_enabled()) and self._inferable():
             return self._infer(x)
         y = self.base_layer(x)
         if self.disabled:
@@ -255,12 +260,12 @@ class LoraMoELinear(nn.Module):
         aux = self._auxiliary_loss() if self.training else None
         return y + delta if aux is None else _AddAuxiliaryLoss.apply(y, delta, aux)
 
-    def _inferable(self, x: torch.Tensor) -> bool:
+    def _inferable(self) -> bool:
         """Whether :meth:`_infer` may compute this forward: no autocast, the layer is no subclass, and calling its
-        adapter's submodules would only run their ``forward`` (:func:`_plain`)."""
+        adapter's submodules would only run their ``forward`` (:func:`_hook_free`, :func:`_plain`)."""
         modules = self._modules
         router = modules.get("router")  # no router: the attribute is a plain None
-        return (type(self) is LoraMoELinear and not torch.is_autocast_enabled(x.device.type)
+        return (type(self) is LoraMoELinear and not torch._C._is_any_autocast_enabled() and _hook_free()
                 and _plain(modules["lora_A"], nn.Linear) and _plain(modules["lora_B"], nn.Linear)
                 and (router is None or _plain(router, Router)))
 
@@ -269,10 +274,12 @@ class LoraMoELinear(nn.Module):
 
         In decoding (a token or a few per call) ``nn.Module``'s attribute lookups and module calls cost about as
         much as the matmuls, so the submodules and their weights are read from its registries and the weights used
-        directly.
+        directly; the base layer's too when it is a plain ``nn.Linear`` (else, e.g. a quantized or GPT-2
+        ``Conv1D`` base, it is called).
         """
         modules = self._modules
-        y = modules["base_layer"](x)
+        base = modules["base_layer"]
+        y = F.linear(x, base._parameters["weight"], base._parameters["bias"]) if _plain(base, nn.Linear) else base(x)
         if self.disabled:
             return y
         weight_A, router = modules["lora_A"]._parameters["weight"], modules.get("router")

@@ -324,6 +324,27 @@ def test_greedy_generation_equals_reference(routing, batch_size):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"step {step}")
 
 
+
+@pytest.mark.parametrize("module", ["base_layer", "lora_A"])
+@pytest.mark.parametrize("wrap", ["forward hook", "own forward"])
+def test_inference_calls_a_module_that_is_hooked_or_wraps_its_forward(module, wrap):
+    """Without autograd the layer reads plain ``nn.Linear`` weights directly; a base layer or adapter module with
+    a hook of its own, or a ``forward`` of its own (accelerate's offloading wraps it so), is called instead, with
+    the same output."""
+    layer = make_layer(**CASES["heterogeneous top-2"]).eval()
+    x = inputs()
+    with torch.no_grad():
+        expected = layer(x)
+    calls, target = [], getattr(layer, module)
+    if wrap == "forward hook":
+        target.register_forward_hook(lambda *_: calls.append(1))
+    else:
+        forward = target.forward
+        target.forward = lambda t: calls.append(1) or forward(t)
+    with torch.no_grad():
+        assert torch.equal(layer(x), expected)
+    assert calls == [1]
+
 def test_every_expert_selected_routes_by_the_full_softmax():
     layer = make_layer(**CASES["top-k = E"])
     x = inputs()
