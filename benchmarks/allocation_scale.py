@@ -27,6 +27,11 @@ except gradspec's, whose per-block memory is its float64 accumulators, as many a
 per N examples (probe) or S steps (search) of ``--seq`` tokens; time is linear in N·seq (or S·seq) at short
 sequences. The base weights themselves (7B: 27 GB float32, 13.5 GB bf16) come on top of the memory figures.
 
+``--shape 70b`` builds Llama-2-70B-shaped blocks instead (hidden 8192, intermediate 28672, 64 heads, 8 key-value
+heads), so that ``b`` is measured at 70B's width rather than scaled from 7B's by P₇₀/P₇: then
+time(70B) ≈ a + 80·b and memory(70B) ≈ a_m + 80·b_m. Two such blocks and the 32000-word embedding and head hold
+9 GB of float32 weights; ``gradspec``'s float64 accumulators would add 7 GB per block.
+
 ``prune`` does not fit that form: each round runs one held-out pass per remaining module, and a pass costs all
 L blocks, so its ablation grows with L². Its run of S steps and one round costs ``(3·2S + P_L)·F(L)``
 forward-pass equivalents, ``P_L`` its held-out passes over 7L targets (:func:`prune_passes` with
@@ -49,6 +54,8 @@ against the ablation's count above; both are printed for 7B and 70B with ``F(L)`
 
     .venv/bin/python benchmarks/allocation_scale.py                # about 30 min on 2 loaded CPU cores
     .venv/bin/python benchmarks/allocation_scale.py --taylor --seq 64
+    .venv/bin/python benchmarks/allocation_scale.py --seq 64 --examples 1 --steps 1 --methods lora sensitivity \
+        guilomo --shape 70b                                                                          # 4 min
     .venv/bin/python benchmarks/allocation_scale.py --width 0.0625 --seq 16 --examples 1,2 --steps 1,2 \
         --prune-steps 1,2                                                                            # smoke
 """
@@ -57,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -75,12 +83,21 @@ P70 = 2 * 8192**2 + 2 * 8192 * 1024 + 3 * 8192 * 28672
 METHODS = ("lora", "sensitivity", "gradspec", "guilomo", "prune")
 
 
-def build(width: float, layers: int) -> transformers.LlamaForCausalLM:
+# Llama-2 block shapes: hidden, intermediate, attention heads, key-value heads.
+SHAPES = {"7b": (4096, 11008, 32, 32), "70b": (8192, 28672, 64, 8)}
+
+
+def llama_config(width: float, layers: int, shape: str = "7b") -> transformers.LlamaConfig:
+    hidden, intermediate, heads, kv_heads = SHAPES[shape]
+    return transformers.LlamaConfig(hidden_size=int(hidden * width) // heads * heads,
+                                    intermediate_size=int(intermediate * width), num_hidden_layers=layers,
+                                    num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=32000,
+                                    max_position_embeddings=4096)
+
+
+def build(width: float, layers: int, shape: str = "7b") -> transformers.LlamaForCausalLM:
     torch.manual_seed(0)
-    hidden = int(4096 * width) // 32 * 32
-    config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=int(11008 * width),
-                                      num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=32,
-                                      vocab_size=32000, max_position_embeddings=4096)
+    config = llama_config(width, layers, shape)
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -113,10 +130,10 @@ def allocator_options(method: str, amount: int, seq: int) -> dict:
                 rank=8, check_every=10**6)
 
 
-def measure_one(method: str, width: float, layers: int, amount: int, seq: int) -> dict:
+def measure_one(method: str, width: float, layers: int, amount: int, seq: int, shape: str = "7b") -> dict:
     """Seconds and peak-memory growth (MiB) of one allocation (or of the reference LoRA training), in this
     process."""
-    model = build(width, layers)
+    model = build(width, layers, shape)
     if method == "lora":
         data = examples(amount, seq)
         run = partial(train_lora, model, data)
@@ -224,6 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prune-steps", default="1,3", help="warm-up steps S (prune), comma-separated")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--half-width", action="store_true", help="also probe 1 block at half the width")
+    parser.add_argument("--shape", choices=list(SHAPES), default="7b",
+                        help="block shape; 70b measures the per-block cost that 7b's runs extrapolate (docstring)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--taylor", action="store_true", help="measure prune's estimate='taylor' (docstring)")
     parser.add_argument("--rounds", type=int, default=5, help="--taylor: timed rounds")
@@ -231,6 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--one-taylor", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.taylor and args.shape != "7b":
+        parser.error("--taylor measures 7B-shaped blocks only")
     torch.set_num_threads(args.threads)
     if args.one:
         print(json.dumps(measure_one(*json.loads(args.one))))
@@ -253,8 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
     plan = [(method, int(n)) for method in args.methods for n in amounts[method].split(",")]
     for method, amount in plan:
         for layers in (1, 2):
-            row = {"method": method, "amount": amount, "layers": layers, "width": args.width,
-                   **in_subprocess([method, args.width, layers, amount, args.seq], args.threads)}
+            row = {"method": method, "amount": amount, "layers": layers, "width": args.width, "shape": args.shape,
+                   **in_subprocess([method, args.width, layers, amount, args.seq, args.shape], args.threads)}
             print(json.dumps(row), flush=True)
             runs.append(row)
     if args.half_width:
@@ -268,9 +289,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def report(args, runs: list[dict], load: tuple[float, float]) -> None:
-    print(f"\n# allocation_scale: cpu, {args.threads} threads, torch {torch.__version__}, float32; Llama blocks of "
-          f"hidden {int(4096 * args.width) // 32 * 32}, intermediate {int(11008 * args.width)}, vocabulary 32000; "
-          f"{args.seq} tokens per example, batch 1; load average {load[0]:.2f} before, {load[1]:.2f} after")
+    config = llama_config(args.width, 0, args.shape)
+    print(f"\n# allocation_scale: cpu, {args.threads} threads, torch {torch.__version__}, float32; Llama-2-"
+          f"{args.shape.upper()}-shaped blocks of hidden {config.hidden_size}, intermediate {config.intermediate_size}, "
+          f"{config.num_key_value_heads} key-value heads, vocabulary 32000; {args.seq} tokens per example, batch 1; "
+          f"load average {load[0]:.2f} before, {load[1]:.2f} after")
     print(f"{'method':<12} {'N or S':>6} {'blocks':>6} {'width':>6} {'seconds':>8} {'peak growth MiB':>15} "
           f"{'model MiB':>9}")
     for r in runs:
@@ -286,13 +309,21 @@ def report(args, runs: list[dict], load: tuple[float, float]) -> None:
                          (method, amount, layers, args.width)][0] for layers in (1, 2))
             b, bm = two["seconds"] - one["seconds"], two["growth_mib"] - one["growth_mib"]
             a, am = one["seconds"] - b, one["growth_mib"] - bm
-            print(f"{method:<12} {amount:>6} {a:7.1f} {b:9.1f} {a + 32 * b:8.0f} {2 * a + 80 * scale * b:8.0f} "
-                  f"{am:8.0f} {bm:13.0f} {am + 32 * bm:8.0f} {2 * am + 80 * growth * bm:8.0f}")
-    print(f"(7B: a + 32·b; 70B: 2·a + 80·{scale:.2f}·b for time, 2·a_m + 80·2·b_m for memory (gradspec: "
-          f"80·{scale:.2f}·b_m); per N examples "
-          f"or S steps of {args.seq} tokens; base weights not included)")
+            if args.shape == "70b":  # measured at 70B's shape: no extrapolation in width
+                estimates = (math.nan, a + 80 * b, math.nan, am + 80 * bm)
+            else:
+                estimates = (a + 32 * b, 2 * a + 80 * scale * b, am + 32 * bm, 2 * am + 80 * growth * bm)
+            t7, t70, m7, m70 = estimates
+            print(f"{method:<12} {amount:>6} {a:7.1f} {b:9.1f} {t7:8.0f} {t70:8.0f} {am:8.0f} {bm:13.0f} {m7:8.0f} "
+                  f"{m70:8.0f}")
+    if args.shape == "70b":
+        print(f"(70B-shaped blocks: 70B = a + 80·b, a_m + 80·b_m; 7B-shaped runs predict b = {scale:.2f} × their b; "
+              f"per N examples or S steps of {args.seq} tokens; base weights not included)")
+    else:
+        print(f"(7B: a + 32·b; 70B: 2·a + 80·{scale:.2f}·b for time, 2·a_m + 80·2·b_m for memory (gradspec: "
+              f"80·{scale:.2f}·b_m); per N examples or S steps of {args.seq} tokens; base weights not included)")
     prune = [r for r in runs if r["method"] == "prune" and r["width"] == args.width]
-    if prune:
+    if prune and args.shape == "7b":
         report_prune(prune, scale, args.seq)
 
 

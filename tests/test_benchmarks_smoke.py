@@ -104,3 +104,9 @@ def test_allocation_scale_counts_prune_rounds_as_the_allocator_runs_them():
         assert row["seconds"] > 0 and row["model_mib"] > 0
     row = allocation_scale.measure_taylor(0.0625, 1, 8, rounds=1, probes=1)  # prune's estimate="taylor"
     assert row["forward_s"] > 0 and row["taylor_s"] > 0 and len(row["ratios"]) == 1
+    config = allocation_scale.llama_config(1.0, 80, "70b")  # Llama-2-70B's shape: P₇₀ weights per block
+    head = config.hidden_size // config.num_attention_heads
+    assert (2 * config.hidden_size**2 + 2 * config.hidden_size * config.num_key_value_heads * head
+            + 3 * config.hidden_size * config.intermediate_size) == allocation_scale.P70
+    row = allocation_scale.measure_one("sensitivity", 0.03125, 1, 1, 8, "70b")
+    assert row["seconds"] > 0 and row["model_mib"] > 0
