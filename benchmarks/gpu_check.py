@@ -4,8 +4,9 @@ GPU, and the time of AlphaLoRA's spectra at Llama-2-7B's shapes on the GPU (``al
 table against the targets; exit status 1 if a target is missed or a run fails.
 
 Targets (README, Performance): the per-expert loop at least 3× slower than moela (layer and training step), a
-moela training step at most 1.10× PEFT LoRA's at the same budget, activation memory at most 1.10× PEFT's,
-AlphaLoRA's float64 spectra of a 7B model in at most 5 minutes (issue 15's target, estimated from two shapes).
+moela training step at most 1.10× PEFT LoRA's at the same budget, activation memory at most 1.10× PEFT's, greedy
+generation at least as many tokens/s as PEFT LoRA's (batch 1 and 8), AlphaLoRA's float64 spectra of a 7B model in
+at most 5 minutes (issue 15's targets; the last estimated from two shapes).
 
 ``--device cpu --quick`` runs every command on CPU with tiny sizes to check the commands and their flags, not
 the numbers.
@@ -88,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     rows += [("training step: loop / moela uniform", f"{loop:.2f}", ">= 3", judged(loop >= 3)),
              ("training step: moela uniform / PEFT LoRA", f"{step:.3f}", "<= 1.10", judged(step <= 1.10)),
              ("activation memory: moela uniform / PEFT LoRA", f"{memory:.3f}", "<= 1.10", judged(memory <= 1.10))]
+    for size in sorted({size for _, size in result["generate_s"]}):  # tokens/s ratio = PEFT's time / moela's
+        tokens = speed.paired(result["generate_s"], ("peft", size), ("uniform", size))
+        rows.append((f"greedy generation, batch {size}: moela uniform / PEFT LoRA tokens/s", f"{tokens:.3f}",
+                     ">= 1", judged(tokens >= 1)))
 
     print("## alphalora_speed", flush=True)
     minutes = alphalora_speed.main(["--device", args.device, "--no-svdvals", "--no-real"]

@@ -5,7 +5,7 @@
 # training run of the built-in demo, the same run under configs/accelerate/fsdp.yaml on one GPU, and AlphaLoRA's
 # spectra at Llama-2-7B's shapes on the GPU (benchmarks/alphalora_speed.py), then prints
 # one summary table against the targets (loop >= 3x slower than moela, step <= 1.10x PEFT LoRA, memory <= 1.10x,
-# AlphaLoRA float64 spectra of 7B <= 5 min).
+# generation tokens/s >= PEFT LoRA's, AlphaLoRA float64 spectra of 7B <= 5 min).
 # Exit status: 0 all targets met, 1 a target missed or a run failed, 2 no CUDA device.
 #   benchmarks/gpu_check.sh --device cpu --quick   # CPU dry run of every command with tiny sizes (no numbers)
 # Needs the project's environment with the peft and demo extras (make setup); PYTHON picks another interpreter.
