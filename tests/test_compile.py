@@ -1,4 +1,5 @@
-"""``train.compile``: training a compiled model gives the adapter of eager training.
+"""``train.compile``: training a compiled model gives the adapter of eager training; and the inference forward
+compiles whole.
 
 The test compiles with the ``aot_eager`` backend (TorchDynamo graph capture and AOTAutograd's joint forward and
 backward, without code generation). Inductor also runs on CPU here (g++): 3 Trainer steps of the 4-block tiny
@@ -47,3 +48,22 @@ def test_compiled_training_matches_eager(tmp_path):
     torch.testing.assert_close(losses, eager_losses, rtol=1e-6, atol=0)
     for key in eager:
         torch.testing.assert_close(compiled[key], eager[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_inference_forward_compiles_to_one_graph_equal_to_eager():
+    """The evaluation forward without autograd (decoding's: the layers' direct path on their weights) compiles to
+    one graph with no break, so that compiled decoding runs it whole, and gives the eager logits."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY, "num_hidden_layers": 1}))
+    moela.inject(model, moela.AllocationPlan.uniform(model, "all-linear", experts=3, rank=2, top_k=2), dropout=0.0)
+    for _, layer in moela.moela_layers(model):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.3)
+    model.eval()
+    ids = torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(input_ids=ids)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        eager = model(input_ids=ids).logits
+        compiled = torch.compile(model, backend="eager")(input_ids=ids).logits
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
