@@ -279,9 +279,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps(row), flush=True)
             runs.append(row)
     if args.half_width:
-        row = {"method": "sensitivity", "amount": int(args.examples.split(",")[-1]), "layers": 1,
-               "width": args.width / 2, **in_subprocess(["sensitivity", args.width / 2, 1,
-                                                         int(args.examples.split(",")[-1]), args.seq], args.threads)}
+        amount = int(args.examples.split(",")[-1])
+        row = {"method": "sensitivity", "amount": amount, "layers": 1, "width": args.width / 2, "shape": args.shape,
+               **in_subprocess(["sensitivity", args.width / 2, 1, amount, args.seq, args.shape], args.threads)}
         print(json.dumps(row), flush=True)
         runs.append(row)
     report(args, runs, (load_before, os.getloadavg()[0]))
@@ -291,9 +291,9 @@ def main(argv: list[str] | None = None) -> dict:
 def report(args, runs: list[dict], load: tuple[float, float]) -> None:
     config = llama_config(args.width, 0, args.shape)
     print(f"\n# allocation_scale: cpu, {args.threads} threads, torch {torch.__version__}, float32; Llama-2-"
-          f"{args.shape.upper()}-shaped blocks of hidden {config.hidden_size}, intermediate {config.intermediate_size}, "
-          f"{config.num_key_value_heads} key-value heads, vocabulary 32000; {args.seq} tokens per example, batch 1; "
-          f"load average {load[0]:.2f} before, {load[1]:.2f} after")
+          f"{args.shape.upper()}-shaped blocks of hidden {config.hidden_size}, intermediate "
+          f"{config.intermediate_size}, {config.num_key_value_heads} key-value heads, vocabulary 32000; {args.seq} "
+          f"tokens per example, batch 1; load average {load[0]:.2f} before, {load[1]:.2f} after")
     print(f"{'method':<12} {'N or S':>6} {'blocks':>6} {'width':>6} {'seconds':>8} {'peak growth MiB':>15} "
           f"{'model MiB':>9}")
     for r in runs:
