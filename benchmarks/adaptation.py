@@ -67,7 +67,7 @@ LLM = SHARED / "data" / "llm-adapters"
 QUESTIONS = ["boolq", "ARC-Easy", "openbookqa"]
 TASKS = ("sst2", "questions")
 METHODS = ["uniform", "lora", "mola", "hilo", "alphalora", "sensitivity", "guilomo", "guilomo-published", "gradspec",
-           "prune"]
+           "prune", "prune-keep0.6"]
 BUDGET = "uniform:E=4,r=2"
 # Fixed-rank methods get experts of uniform's rank 2, so that they differ from it only in where the experts go;
 # hilo, guilomo (experts ≤ 8 of rank ≤ 8, ranks rescaled to the budget) and gradspec keep their own defaults.

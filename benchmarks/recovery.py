@@ -70,7 +70,8 @@ VARIANTS = {"guilomo-published": ("guilomo", dict(estimator="selected", init_sca
             "prune-importance": ("prune", dict(ranks="importance")),  # survivors' ranks ∝ their importance
             "prune-restarts": ("prune", dict(restarts=3)),  # the survivors of three searches most often kept
             "prune-taylor": ("prune", dict(estimate="taylor")),  # all importances of a round from one backward
-            "prune-restarts-taylor": ("prune", dict(restarts=3, estimate="taylor"))}
+            "prune-restarts-taylor": ("prune", dict(restarts=3, estimate="taylor")),
+            "prune-keep0.6": ("prune", dict(keep=0.6))}  # three fifths of the maps survive, for a broad change
 BUDGET = "uniform:E=1,r=2"
 PROBE = 256  # texts the data-driven allocators see (rows of other sizes are reported as NAME@N)
 # The balance loss's coefficient in the students' training (summed over routed modules, moela's default
