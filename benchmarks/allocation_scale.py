@@ -310,10 +310,9 @@ def report(args, runs: list[dict], load: tuple[float, float]) -> None:
             b, bm = two["seconds"] - one["seconds"], two["growth_mib"] - one["growth_mib"]
             a, am = one["seconds"] - b, one["growth_mib"] - bm
             if args.shape == "70b":  # measured at 70B's shape: no extrapolation in width
-                estimates = (math.nan, a + 80 * b, math.nan, am + 80 * bm)
+                t7, t70, m7, m70 = math.nan, a + 80 * b, math.nan, am + 80 * bm
             else:
-                estimates = (a + 32 * b, 2 * a + 80 * scale * b, am + 32 * bm, 2 * am + 80 * growth * bm)
-            t7, t70, m7, m70 = estimates
+                t7, t70, m7, m70 = a + 32 * b, 2 * a + 80 * scale * b, am + 32 * bm, 2 * am + 80 * growth * bm
             print(f"{method:<12} {amount:>6} {a:7.1f} {b:9.1f} {t7:8.0f} {t70:8.0f} {am:8.0f} {bm:13.0f} {m7:8.0f} "
                   f"{m70:8.0f}")
     if args.shape == "70b":

@@ -242,8 +242,8 @@ def train_student(plan: AllocationPlan, ids: torch.Tensor, targets: torch.Tensor
                   labels: torch.Tensor | None = None) -> float:
     """Inject ``plan`` into a fresh base, AdamW on the adapter + ``BALANCE_COEF`` · balance loss (the layers'
     built-in auxiliary gradient); held-out KL. The loss is the KL to ``targets``, or, given sampled ``labels``,
-    their cross-entropy on all but the last ``STOP_TEXTS`` texts (a quarter of fewer texts), whose labels'
-    cross-entropy (every ``STOP_EVERY`` steps) picks the adapter kept and stops the training after
+    their cross-entropy on all but the last ``STOP_TEXTS`` texts (or the last quarter, if that is fewer), whose
+    labels' cross-entropy (every ``STOP_EVERY`` steps) picks the adapter kept and stops the training after
     ``STOP_PATIENCE`` checks without a new best: what a user with only such data does."""
     torch.manual_seed(seed)
     student = moela.inject(load_base(), plan, balance_coef=BALANCE_COEF)

@@ -324,7 +324,6 @@ def test_greedy_generation_equals_reference(routing, batch_size):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"step {step}")
 
 
-
 @pytest.mark.parametrize("module", ["base_layer", "lora_A"])
 @pytest.mark.parametrize("wrap", ["forward hook", "own forward"])
 def test_inference_calls_a_module_that_is_hooked_or_wraps_its_forward(module, wrap):
@@ -344,6 +343,7 @@ def test_inference_calls_a_module_that_is_hooked_or_wraps_its_forward(module, wr
     with torch.no_grad():
         assert torch.equal(layer(x), expected)
     assert calls == [1]
+
 
 def test_every_expert_selected_routes_by_the_full_softmax():
     layer = make_layer(**CASES["top-k = E"])

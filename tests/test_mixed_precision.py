@@ -167,3 +167,24 @@ def test_built_in_balance_loss_under_autocast_bf16(variant):
         layer.zero_grad(set_to_none=True)
     for name, grad in grads[0].items():
         torch.testing.assert_close(grad, grads[1][name], msg=name)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_evaluation_under_autocast_takes_the_module_path(variant, monkeypatch):
+    """Without autograd under bf16 autocast (evaluation in a bf16 run) the layer leaves its direct inference path
+    and calls its modules, so the router keeps its float32 logits: the output is exactly that of the module path
+    (forced by a global forward hook, as hook-based sharding would)."""
+    layer = make_layer(variant, torch.float32, torch.float32).eval()
+    x = torch.randn(T, D_IN, generator=torch.Generator().manual_seed(1))
+    direct = []
+    infer = LoraMoELinear._infer
+    monkeypatch.setattr(LoraMoELinear, "_infer", lambda self, x: direct.append(1) or infer(self, x))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        hook = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: None)
+        try:
+            expected = layer(x)
+        finally:
+            hook.remove()
+    assert direct == []
+    assert torch.equal(out, expected)
