@@ -317,8 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             quiet()
     dist = sys.modules.get("torch.distributed")
     inherited = dist is not None and dist.is_available() and dist.is_initialized()  # the caller's: left alone
+    completed = False
     try:
         ns.func(ns)
+        completed = True
     except KeyboardInterrupt:
         print("moela: interrupted", file=sys.stderr)
         return 130
@@ -333,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not inherited and "torch.distributed" in sys.modules:  # the command may have started a process group
             from .distributed import shut_down
 
-            shut_down()
+            shut_down(completed)
     return 0
 
 

@@ -28,13 +28,22 @@ def process_group() -> tuple[int, int]:
     return 0, 1
 
 
-def shut_down() -> None:
+def shut_down(completed: bool) -> None:
     """Destroy the process group, if one was started, before the interpreter exits. Left to the interpreter's
     finalisation, gloo's threads now and then abort a process that has finished its work ("terminate called
-    without an active exception", SIGABRT), and the launcher reports the run as failed."""
+    without an active exception", SIGABRT), and the launcher reports the run as failed. When this process
+    ``completed`` its command, it first waits at a barrier for the others, so that no process tears its group
+    down while another still works (the main process may still be writing its report); a process that failed
+    does not wait, and the barrier of one that waits for it then fails at once (the peer closed its
+    connection) and is passed over."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if completed and dist.get_world_size() > 1:
+            try:
+                dist.barrier()
+            except RuntimeError:  # another process failed and left: its own exit status reports it
+                pass
         dist.destroy_process_group()
 
 

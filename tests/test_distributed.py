@@ -208,3 +208,20 @@ def test_data_driven_allocators_agree_across_processes(tmp_path):
     assert rank0["sensitivity"]["modules"] == alone["sensitivity"]["modules"]
     for name, score in alone["sensitivity"]["scores"]["sensitivity"].items():
         assert rank0["sensitivity"]["scores"]["sensitivity"][name] == pytest.approx(score, rel=1e-6)
+
+
+
+@pytest.mark.parametrize("main_fails", [False, True])
+def test_a_completed_process_keeps_its_group_until_the_others_are_done(tmp_path, main_fails):
+    """Processes that completed leave :func:`moela.distributed.shut_down` together, so none tears its group down
+    while another still works (tests/group_exit.py: the main process works a second longer); when the main process
+    failed, the other does not wait for it beyond its exit and still exits cleanly."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    port = str(free_port())
+    processes = [subprocess.Popen([sys.executable, "-m", "tests.group_exit", str(rank), port, str(tmp_path),
+                                   str(int(main_fails))], env=env, cwd=ROOT) for rank in (0, 1)]
+    assert [p.wait(timeout=120) for p in processes] == [1 if main_fails else 0, 0]
+    (entered0, left0), (_, left1) = ((float(t) for t in (tmp_path / f"rank{r}").read_text().split()) for r in (0, 1))
+    assert left1 >= entered0  # rank 1 waited for the main process to end its work
+    if main_fails:
+        assert left1 - left0 < 10  # and then no longer (its barrier failed when the main process left)
