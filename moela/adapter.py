@@ -8,6 +8,7 @@ a router), ``<module>.experts.<i>.lora_A`` (r_i × d_in) and ``<module>.experts.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import CONFIG_NAME, HEAD_NAME, WEIGHTS_NAME, MoelaConfig
-from .io import atomic_dir, recover_dir
+from .io import atomic_dir, recover_dir, umask
 from .model import inject, moela_layers
 
 
@@ -114,10 +115,16 @@ def write_adapter(model: nn.Module, directory: Path, state: dict[str, torch.Tens
     if config is None:
         raise ValueError("this model has no moela adapters: call moela.inject first")
     config.save(directory)
-    save_file(adapter_state_dict(model, state), str(Path(directory) / WEIGHTS_NAME), metadata={"format": "pt"})
+    _save_tensors(adapter_state_dict(model, state), Path(directory) / WEIGHTS_NAME)
     head = head_state_dict(model, state)
     if head:
-        save_file(head, str(Path(directory) / HEAD_NAME), metadata={"format": "pt"})
+        _save_tensors(head, Path(directory) / HEAD_NAME)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file with the permissions ``open`` gives under the umask (safetensors makes it 0600)."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~umask())
 
 
 def save_adapter(model: nn.Module, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:

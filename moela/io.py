@@ -39,23 +39,31 @@ def _temp_name(path: Path) -> str:
     return f".{path.name}."
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``; the file gets
-    the permissions ``open`` would give it under the umask."""
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[str]:
+    """Yield the name of a fresh temporary file beside ``path`` (``.<name>.<random>.tmp``, with the permissions
+    ``open`` would give it under the umask) for the body to write; on success it is flushed to disk and replaces
+    ``path`` (``os.replace``); if the body raises, it is removed and ``path`` keeps its previous content."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_name(path), suffix=TMP_SUFFIX)
     try:
         os.fchmod(fd, 0o666 & ~umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
+        os.close(fd)
+        yield tmp
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
 
 
 def fsync_tree(path: Path) -> None:

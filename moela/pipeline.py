@@ -202,27 +202,30 @@ def run(settings: Settings, *, overwrite: bool = False, resume: bool = False,
     if len(settings.methods) > 1:
         raise ValueError(f"adapter.method names {len(settings.methods)} methods; a run trains one (moela compare "
                          "runs several)")
+    # the folder and the data are checked before the folder is claimed (and, with --overwrite, emptied)
+    on_main(run_folder.check_run_dir, run_dir, overwrite=overwrite, resume=resume, settings=settings)
+    method, seed = settings.methods[0], settings.train.seed
+    transformers.set_seed(seed)
+    prepared = prepare(settings)
+    checks.check_prepared(settings, prepared)
+    settings = settings.updated({"model": {"num_labels": prepared.num_labels}})
     on_main(run_folder.claim, run_dir, overwrite=overwrite, resume=resume, settings=settings)
-    method = settings.methods[0]
     try:
-        seed = settings.train.seed
-        transformers.set_seed(seed)
-        prepared = prepare(settings)
-        checks.check_prepared(settings, prepared)
-        settings = settings.updated({"model": {"num_labels": prepared.num_labels}})
         on_main(run_folder.start_run, run_dir, settings, resume=resume,
                 records=(prepared.train_records, prepared.eval_records))
-        model, new_params = load_base(settings, prepared)
         plan_path = run_dir / "plan.json"
-        if broadcast(resume and plan_path.is_file()):
+        resumed_plan = broadcast(resume and plan_path.is_file())
+        if resumed_plan:  # checked before the model loads
+            on_main(run_folder.record_plan, run_dir)
             plan = broadcast(AllocationPlan.load(plan_path) if main else None)
-        else:
+        model, new_params = load_base(settings, prepared)
+        if not resumed_plan:
             started = time.perf_counter()
             plan = broadcast(make_plan(settings, model, prepared, method))
             plan.meta.setdefault("allocation_seconds", round(time.perf_counter() - started, 3))
             if main:
                 plan.save(plan_path)
-        on_main(run_folder.record_plan, run_dir)
+            on_main(run_folder.record_plan, run_dir)
         trainable = plan.num_trainable(model)
         if main:
             print(f"[{method}] plan: {len(plan)} modules, {trainable:,} adapter parameters", flush=True)
@@ -273,6 +276,9 @@ def compare(settings: Settings, methods: Sequence[str] | None = None, *, overwri
     settings = settings.updated({"adapter": {"budget": settings.adapter.budget or "uniform:E=4,r=8"}})
     check_methods(settings)
     out = Path(settings.output_dir)
+    # the folder and the data are checked before the folder is claimed (and, with --overwrite, emptied)
+    on_main(run_folder.check_run_dir, out, overwrite=overwrite, resume=resume, kind="compare", settings=settings)
+    checks.check_prepared(settings, prepare(settings))
     on_main(run_folder.claim, out, overwrite=overwrite, resume=resume, kind="compare", settings=settings)
     try:
         on_main(run_folder.start_compare, out, settings, resume=resume)

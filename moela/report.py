@@ -11,12 +11,9 @@ every example, or is not above the majority-class rate (:func:`warnings_of`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import statistics
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -24,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from . import demo
-from .io import atomic_write_text
+from .io import atomic_file, atomic_write_text
 from .plan import AllocationPlan, layer_index, module_type
 
 if TYPE_CHECKING:
@@ -88,18 +85,9 @@ def plan_grid(plan: AllocationPlan, kinds: Sequence[str] | None = None
 
 
 def _save_png(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_file(Path(path)) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    return Path(path)
 
 
 def _figure(width: float, height: float):

@@ -2,8 +2,9 @@
 
 - **Ownership.** moela writes the marker :data:`MARKER` into every folder it creates (run and comparison
   folders here, export folders in :mod:`moela.export`), and deletes or writes into an existing non-empty folder
-  only when the marker is there: ``--overwrite`` never deletes a folder moela did not create, the current
-  folder, one of its parents, or a folder holding the run's own inputs.
+  only when the marker is there: ``--overwrite`` deletes only what moela wrote (:data:`WRITTEN`), and never a
+  folder moela did not create, one holding anything else (:func:`foreign`), the current folder, one of its
+  parents, or a folder holding the run's own inputs.
 - **One process at a time.** :func:`claim` takes an exclusive ``flock`` on :data:`LOCK` inside the folder (the
   main process of a multi-process run), held until :func:`release`.
 - **Consistent runs.** :data:`RECORD` holds what determines the result: the resolved settings, a fingerprint of
@@ -28,7 +29,7 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from .io import atomic_write_text, recover
+from .io import OLD_SUFFIX, TMP_SUFFIX, atomic_write_text, recover
 from .settings import Settings
 from .version import __version__
 
@@ -39,6 +40,10 @@ LOCK = ".moela.lock"
 RECORD = "run.json"  # what determines the run's result
 RUN_KINDS = ("run", "compare")
 VOLATILE = ("name", "output_dir", "train.progress")  # settings that do not change a run's result
+# What moela writes into a run or comparison folder (a comparison's run folders carry their own marker).
+WRITTEN = frozenset({MARKER, LOCK, RECORD, SETTINGS_FILE, FINISHED, FAILED, "plan.json", "checkpoints", "adapter",
+                     "train_log.json", "metrics.json", "predictions.json", "routing.json", "report.md", "plan.png",
+                     "expert_load.png", "training_args.bin", "compare.json"})
 
 
 class Refused(ValueError):
@@ -99,9 +104,39 @@ def _entries(folder: Path) -> list[Path]:
     return [e for e in folder.iterdir() if e.name != LOCK] if folder.is_dir() else []
 
 
+def _written(entry: Path) -> bool:
+    """Whether moela wrote ``entry`` of a run or comparison folder: one of :data:`WRITTEN`, a temporary or
+    replaced copy of one (``.<name>.…tmp``, ``.<name>.old``, :mod:`moela.io`), or a comparison's run folder
+    (or method folder of ``seed-<s>`` run folders) holding only such entries."""
+    name = entry.name
+    if name in WRITTEN:
+        return True
+    if name.startswith(".") and name.endswith((TMP_SUFFIX, OLD_SUFFIX)):
+        return any(name.startswith(f".{own}.") for own in WRITTEN)
+    if not entry.is_dir() or entry.is_symlink():
+        return False
+    if owner(entry) == "run":
+        return foreign(entry) is None
+    seeds = _entries(entry)  # a comparison's method folder over several seeds: seed-<s> run folders
+    return bool(seeds) and all(seed.name.startswith("seed-") and _written(seed) for seed in seeds)
+
+
+def foreign(folder: Path) -> Path | None:
+    """A file or folder under ``folder`` (a run or comparison folder) that moela did not write, or None."""
+    for entry in sorted(_entries(folder)):
+        if _written(entry):
+            continue
+        if entry.is_dir() and not entry.is_symlink() and (
+                owner(entry) == "run" or all(seed.name.startswith("seed-") for seed in _entries(entry))):
+            return foreign(entry) or entry  # name what is not moela's inside one of its folders
+        return entry
+    return None
+
+
 def _clear(folder: Path) -> None:
-    """Delete everything in ``folder`` but the lock file (held by this process)."""
-    for entry in _entries(folder):
+    """Delete what moela wrote in ``folder`` (:func:`foreign` found nothing else) but the lock file (held by this
+    process)."""
+    for entry in filter(_written, _entries(folder)):
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:
@@ -164,6 +199,8 @@ def check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool, kind: str = "
         held = [p for p in local_inputs(settings) if inside(p, run_dir)]
         if reason is None and held:
             reason = f"it holds {held[0]}, which this {what} reads"
+        if reason is None and (other := foreign(run_dir)) is not None:
+            reason = f"it holds {other}, which moela did not write (move it out first)"
         if reason:
             raise Refused(f"refusing to delete {run_dir} for --overwrite: {reason}; choose another output_dir")
         return

@@ -27,11 +27,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 from safetensors.torch import load_file, save_file
 
-from moela import AllocationPlan, cli, inject, io, pipeline, run_folder, save_adapter
+from moela import AllocationPlan, cli, inject, io, pipeline, report, run_folder, save_adapter
 from moela.cli import main
 from moela.data import text_bound
 from moela.settings import load_settings
-from tests.helpers import classification_files, instruction_records, lm_config
+from tests.helpers import classification_files, instruction_records, lm_config, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,6 +165,49 @@ def test_overwrite_refuses_a_run_folder_that_holds_the_runs_own_data(tmp_path, t
     assert main(["train", str(lm_config(tmp_path, tiny_lm)), f"data.train={data}", "--overwrite"]) == 1
     assert f"it holds {data}, which this run reads" in one_line_error(capsys)
     assert_kept(before, run)
+
+
+def test_overwrite_refuses_a_run_folder_holding_files_moela_did_not_write(tmp_path, trained, capsys, no_model_load):
+    config, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "my_notes.txt").write_text("mine\n")
+    before = snapshot(copy)
+    assert main(["train", str(config), f"output_dir={copy}", "--overwrite"]) == 1
+    assert f"it holds {copy / 'my_notes.txt'}, which moela did not write (move it out first)" in one_line_error(capsys)
+    assert_kept(before, copy)
+
+
+def test_overwrite_checks_the_new_data_before_it_deletes_the_finished_run(tmp_path, trained, capsys, no_model_load):
+    """Bad data is refused before --overwrite empties the folder (the finished run stays whole), and a new
+    folder is not even created for it."""
+    config, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(instruction_records(1)[0]) + "\n{oops\n")
+    before = snapshot(copy)
+    assert main(["train", str(config), f"output_dir={copy}", f"data.train={bad}", "--overwrite"]) == 1
+    assert f"{bad}: line 2: not valid JSON" in one_line_error(capsys)
+    assert_kept(before, copy)
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in run.iterdir())
+    assert main(["train", str(config), f"output_dir={tmp_path / 'new'}", f"data.train={bad}"]) == 1
+    assert "line 2: not valid JSON" in one_line_error(capsys) and not (tmp_path / "new").exists()
+    compared = tmp_path / "compared"  # a finished comparison
+    compared.mkdir()
+    run_folder.mark_owned(compared, "compare")
+    (compared / "FINISHED").write_text("{}")
+    shutil.copytree(run, compared / "lora")
+    before = snapshot(compared)
+    assert main(["compare", str(config), "--methods", "lora,uniform", f"output_dir={compared}",
+                 f"data.train={bad}", "--overwrite"]) == 1
+    assert "line 2: not valid JSON" in one_line_error(capsys)
+    assert_kept(before, compared)
+    shutil.copytree(run, compared / "uniform" / "seed-1")  # what --seeds writes: still all moela's
+    run_folder.check_run_dir(compared, overwrite=True, resume=False, kind="compare")
+    (compared / "uniform" / "seed-1" / "mine.txt").write_text("mine\n")
+    with pytest.raises(run_folder.Refused, match="it holds .*uniform/seed-1/mine.txt, which moela did not write"):
+        run_folder.check_run_dir(compared, overwrite=True, resume=False, kind="compare")
 
 
 def test_overwrite_and_resume_exclude_each_other(tmp_path, tiny_lm, capsys, no_model_load):
@@ -568,9 +611,13 @@ def test_written_files_and_folders_follow_the_umask(tmp_path, tiny_lm, mask):
                      "-o", str(plan)]) == 0
         with io.atomic_dir(tmp_path / "folder") as tmp:
             (tmp / "f").write_text("x")
+        figure = report.plot_plan(AllocationPlan.load(plan), tmp_path / "plan.png")
+        model = tiny_model("llama")
+        save_adapter(inject(model, AllocationPlan.uniform(model, ["q_proj"], experts=1, rank=2)), tmp_path / "a")
     finally:
         os.umask(old)
-    assert stat.S_IMODE(plan.stat().st_mode) == 0o666 & ~mask
+    for file in (plan, figure, *(tmp_path / "a").iterdir()):  # PNGs and safetensors are written 0600 by default
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~mask, file.name
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o777 & ~mask
 
 
