@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
 import typing
 import warnings
 from collections.abc import Sequence as SequenceABC
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
 from .allocators import allocate, allocator, options_for
 from .allocators.budget import TOLERANCE, parse_budget, parse_pattern, plan_cost, routed, target_dims
 from .base_model import DATA_KINDS, load_model, model_task, read_config
+from .io import read_json
 from .plan import AllocationPlan, find_targets
 from .settings import Settings
 
@@ -34,7 +36,8 @@ BIG = 10**9
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")  # transformers' schedules that need no extra arguments or evaluation metrics
 SOURCE_KEYS = ("path", "task", "split", "limit")
-DATA_SUFFIXES = (".json", ".jsonl", ".tsv", ".txt", ".csv")
+DATA_SUFFIXES = (".json", ".jsonl", ".tsv", ".txt")  # the data files moela reads (moela.data)
+FILE_SUFFIXES = DATA_SUFFIXES + (".csv", ".parquet")  # a name with one of these is a local file, not a hub dataset
 
 # option → (kind, low, high, low inclusive, high inclusive); kind "int" or "float"
 OPTION_RANGES: dict[str, tuple[str, float, float, bool, bool]] = {
@@ -207,9 +210,12 @@ def check_sources(settings: Settings, *, exist: bool = True, train: bool = True)
         read = exist and (key == "data.eval" or train or settings.data.eval is None)
         for item in _sources(spec, key):
             path = Path(item["path"])
-            if not read or item["path"] == DEMO or path.exists():
+            if not read or item["path"] == DEMO:
                 continue
-            if path.suffix.lower() in DATA_SUFFIXES or "/" not in item["path"]:
+            if path.is_file() and path.suffix.lower() not in DATA_SUFFIXES:
+                raise ValueError(f"config key {key!r}: {path}: unknown data format {path.suffix!r}; use "
+                                 f"{', '.join(DATA_SUFFIXES)} or a save_to_disk folder")
+            if not path.exists() and (path.suffix.lower() in FILE_SUFFIXES or "/" not in item["path"]):
                 raise ValueError(f"config key {key!r}: {path}: no such data file")
 
 
@@ -385,3 +391,38 @@ def check_prepared(settings: Settings, prepared: Any) -> None:
         raise ValueError(f"data.cutoff_len={settings.data.cutoff_len} leaves no response token to learn in any "
                          "training record (the prompts are longer); raise data.cutoff_len or set "
                          "data.train_on_inputs=true")
+
+
+def check_output_file(path: str | Path, what: str, ours: Callable[[Path], bool]) -> None:
+    """Before any work: a command's ``-o`` file can be written, and is new or a ``what`` that moela wrote
+    (``ours``): moela never replaces a file of the user's."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"-o {path}: is a folder; give a file name")
+    folder = next(p for p in (path.parent.resolve(), *path.parent.resolve().parents) if p.exists())
+    if not folder.is_dir():
+        raise ValueError(f"-o {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"-o {path}: cannot write into {folder} (permission denied)")
+    if path.exists() and not ours(path):
+        raise ValueError(f"-o {path}: the file exists and is not a {what} that moela wrote; refusing to replace it "
+                         "(choose another name, or move it away)")
+
+
+def is_plan_file(path: Path) -> bool:
+    """Whether ``path`` holds an allocation plan (what ``moela allocate -o`` writes)."""
+    try:
+        AllocationPlan.load(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def is_metrics_file(path: Path) -> bool:
+    """Whether ``path`` holds evaluation metrics (what ``moela evaluate -o`` writes: a JSON object with a
+    ``protocol``)."""
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "protocol" in data

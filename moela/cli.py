@@ -94,9 +94,11 @@ def cmd_train(ns) -> None:
 
 
 def cmd_allocate(ns) -> None:
-    from . import pipeline
+    from . import checks, pipeline
 
     settings = settings_from(ns)
+    if ns.output:
+        checks.check_output_file(ns.output, "plan", checks.is_plan_file)
     for plan, model in pipeline.plan_only(settings.updated({"adapter": {"method": settings.methods[0]}}),
                                           meta=ns.dry_run, model_config=ns.model_config):
         print_plan(plan, model)
@@ -106,8 +108,10 @@ def cmd_allocate(ns) -> None:
 
 
 def cmd_evaluate(ns) -> None:
-    from . import pipeline
+    from . import checks, pipeline
 
+    if ns.output:
+        checks.check_output_file(ns.output, "metrics file", checks.is_metrics_file)
     metrics = pipeline.evaluate_run(ns.run_dir, list(ns.overrides) + list(ns.set or []))
     print(json.dumps(metrics, indent=1))
     if ns.output:

@@ -123,7 +123,12 @@ def read_raw(source: str | Path, split: str | None = None) -> tuple[list[Any], s
         raise ValueError(f"{path}: unknown data format {suffix!r}; use .json, .jsonl, .tsv or a save_to_disk folder")
     import datasets
 
-    return list(datasets.load_dataset(str(source), split=split or "train")), "record"
+    try:
+        return list(datasets.load_dataset(str(source), split=split or "train")), "record"
+    except Exception as err:  # offline, no such dataset or split, …: one line naming the source
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{source}: no such local file or folder, and the Hugging Face hub did not give it as a "
+                         f"dataset ({reason})") from err
 
 
 def load_records(source: str | Path, kind: str, *, split: str | None = None, task: str | None = None,

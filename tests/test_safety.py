@@ -210,6 +210,25 @@ def test_overwrite_checks_the_new_data_before_it_deletes_the_finished_run(tmp_pa
         run_folder.check_run_dir(compared, overwrite=True, resume=False, kind="compare")
 
 
+def test_an_output_file_of_the_users_is_never_replaced(tmp_path, tiny_lm, trained, capsys, no_model_load):
+    """``allocate -o`` and ``evaluate -o`` replace only a plan or metrics file moela wrote, and refuse any other
+    file or a path that cannot be written before the model loads."""
+    config = str(lm_config(tmp_path, tiny_lm))
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"my": "notes"}\n')
+    cases = [(["allocate", config, "-o", str(mine)], "the file exists and is not a plan that moela wrote"),
+             (["evaluate", str(trained[1]), "-o", str(mine)], "the file exists and is not a metrics file that moela"),
+             (["allocate", config, "-o", str(tmp_path)], "is a folder; give a file name"),
+             (["allocate", config, "-o", str(mine / "plan.json")], f"{mine} is a file, not a folder")]
+    for args, message in cases:
+        assert main(args) == 1
+        assert message in one_line_error(capsys)
+    assert mine.read_text() == '{"my": "notes"}\n'
+    plan = tmp_path / "plan.json"
+    for _ in range(2):  # moela's own plan is replaced
+        assert main(["allocate", config, "--dry-run", "adapter.method=lora", "-o", str(plan)]) == 0
+
+
 def test_overwrite_and_resume_exclude_each_other(tmp_path, tiny_lm, capsys, no_model_load):
     assert main(["train", str(lm_config(tmp_path, tiny_lm)), "--overwrite", "--resume"]) == 1
     assert "--overwrite and --resume exclude each other" in one_line_error(capsys)
@@ -399,6 +418,7 @@ def test_a_second_process_is_kept_out_of_a_run_folder(tmp_path, trained, capsys,
     (["data.train=[{path: 3}]"], "config key 'data.train': source {'path': 3} needs a 'path'"),
     (["data.train=[{path: x.json, colour: red}]"], "config key 'data.train': unknown source field(s) ['colour']"),
     (["data.train=no_such_file.json"], "config key 'data.train': no_such_file.json: no such data file"),
+    ([f"data.train={ROOT / 'pyproject.toml'}"], "pyproject.toml: unknown data format '.toml'; use .json, .jsonl"),
     (["data.eval=[{path: x.json, limit: 0}]"], "source field 'limit' must be an integer >= 1"),
     (["model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model': cannot read the model's config"),
 ])
