@@ -15,6 +15,10 @@ Two layouts, both relative to the folder you run ``moela`` from:
 (A) … (B) …\\n", ``output`` = "Answer: The answer is X.", ``answer`` = X) as a ``datasets.save_to_disk`` folder
 with the splits train, validation and test, and ``MANIFEST.json``.
 
+The output folder is moela's: it carries the marker of :mod:`moela.run_folder` (kind ``data``), every file is
+written atomically, and a folder that is not empty and was not made by ``moela data`` is refused, as are the
+current folder, its parents and a folder holding the source (:func:`check_out`).
+
 Sources: a local folder (``--source DIR``, offline), or the Hugging Face hub (``datasets``) otherwise. A local
 LLM-Adapters folder is the repository's ``dataset/`` folder (``<task>/{train,test}.json``, optionally
 ``commonsense_170k.json``); a local ScienceQA folder is a ``save_to_disk`` folder or ``{train,validation,
@@ -31,6 +35,9 @@ import random
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+from .io import atomic_dir, atomic_file, atomic_write_text
+from .run_folder import inside, mark_owned, owner, protected
 
 COMMONSENSE = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
 LLM_ADAPTERS_DIR = Path("data/llm-adapters")
@@ -108,9 +115,29 @@ SCIENCEQA_HUB = "derek-thomas/ScienceQA"
 
 
 def _write_json(path: Path, data: Any) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=1) + "\n")
     return len(data) if isinstance(data, list) else 0
+
+
+def _copy(source: Path, target: Path) -> None:
+    with atomic_file(target) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def check_out(out: Path, source: str | Path | None) -> None:
+    """Refuse to write into ``out`` unless it is new, empty or made by ``moela data``, and not the current folder,
+    a parent of it or a folder holding ``source``; refuse a ``source`` that is no folder."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; give a folder with --out")
+    reason = protected(out)
+    if reason is None and source is not None and inside(Path(source), out):
+        reason = f"it holds the source {source}"
+    if reason is None and out.is_dir() and any(out.iterdir()) and owner(out) != "data":
+        reason = "it is not empty and `moela data` did not create it"
+    if reason:
+        raise ValueError(f"refusing to write the data into {out}: {reason}; choose another --out")
+    if source is not None and not Path(source).is_dir():
+        raise ValueError(f"--source {source}: no such folder")
 
 
 def _hub_rows(name: str, config: str | None, split: str) -> list[dict]:
@@ -126,6 +153,13 @@ def llm_adapters(out: str | Path = LLM_ADAPTERS_DIR, source: str | Path | None =
     ``dataset/`` folder) or, without one, from the hub; return the manifest. A task the source lacks is listed
     under ``missing`` and skipped, never faked."""
     out, tasks = Path(out), list(tasks)
+    check_out(out, source)
+    if source is not None and not any((Path(source) / t / f"{s}.json").is_file() for t in tasks for s in ("train", "test")):
+        raise ValueError(f"--source {source} holds none of the tasks' files (<task>/train.json or test.json for "
+                         f"{', '.join(tasks)})")
+    out.mkdir(parents=True, exist_ok=True)
+    if owner(out) != "data":
+        mark_owned(out, "data")
     manifest: dict[str, Any] = {"source": str(source) if source else "huggingface hub", "files": {}, "missing": {}}
     train_files = []
     for task in tasks:
@@ -138,8 +172,7 @@ def llm_adapters(out: str | Path = LLM_ADAPTERS_DIR, source: str | Path | None =
                     continue
                 rows = json.loads(found.read_text(encoding="utf-8"))
                 origin = str(found)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(found, target)  # verbatim
+                _copy(found, target)  # verbatim
                 manifest["files"][f"{task}/{split}.json"] = {"rows": len(rows), "from": origin}
                 log(f"  {target}: {len(rows):,} rows")
                 if split == "train":
@@ -163,7 +196,7 @@ def llm_adapters(out: str | Path = LLM_ADAPTERS_DIR, source: str | Path | None =
     mix = out / TRAIN_MIX
     given = Path(source) / "commonsense_170k.json" if source is not None else None
     if given is not None and given.is_file():
-        shutil.copyfile(given, mix)
+        _copy(given, mix)
         rows = json.loads(mix.read_text(encoding="utf-8"))
         manifest["files"][TRAIN_MIX] = {"rows": len(rows), "from": str(given)}
     elif train_files:
@@ -173,6 +206,9 @@ def llm_adapters(out: str | Path = LLM_ADAPTERS_DIR, source: str | Path | None =
                                         "from": "the train.json files above, shuffled together (seed 0)"}
     if TRAIN_MIX in manifest["files"]:
         log(f"  {mix}: {manifest['files'][TRAIN_MIX]['rows']:,} rows ({manifest['files'][TRAIN_MIX]['from']})")
+    if not manifest["files"]:
+        raise ValueError(f"no task could be had from {manifest['source']}: "
+                         + "; ".join(f"{k}: {v}" for k, v in list(manifest["missing"].items())[:4]))
     _write_json(out / "MANIFEST.json", manifest)
     return manifest
 
@@ -199,6 +235,7 @@ def scienceqa(out: str | Path = SCIENCEQA_DIR, source: str | Path | None = None,
 
     datasets.disable_progress_bars()
     out = Path(out)
+    check_out(out, source)
     source = Path(source) if source is not None else None
     splits: dict[str, list[dict]] = {}
     if source is not None and (source / "dataset_dict.json").is_file():
@@ -226,13 +263,11 @@ def scienceqa(out: str | Path = SCIENCEQA_DIR, source: str | Path | None = None,
     missing = [s for s in SCIENCEQA_SPLITS if not splits.get(s)]
     if missing:
         raise ValueError(f"{origin}: no rows for split(s) {missing}")
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    datasets.DatasetDict({s: datasets.Dataset.from_list(rows) for s, rows in splits.items()}).save_to_disk(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
     manifest = {"source": origin, "splits": {s: len(rows) for s, rows in splits.items()}}
-    _write_json(out / "MANIFEST.json", manifest)
+    with atomic_dir(out) as tmp:
+        datasets.DatasetDict({s: datasets.Dataset.from_list(rows) for s, rows in splits.items()}).save_to_disk(str(tmp))
+        mark_owned(tmp, "data")
+        _write_json(tmp / "MANIFEST.json", manifest)
     for s, rows in splits.items():
         log(f"  {out} [{s}]: {len(rows):,} rows")
     return manifest

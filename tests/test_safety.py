@@ -229,6 +229,30 @@ def test_an_output_file_of_the_users_is_never_replaced(tmp_path, tiny_lm, traine
         assert main(["allocate", config, "--dry-run", "adapter.method=lora", "-o", str(plan)]) == 0
 
 
+def test_moela_data_writes_only_into_its_own_folder(tmp_path, shared, capsys):
+    """`moela data` refuses a folder of the user's, a missing source and a source with none of the tasks, and
+    replaces only what it wrote itself."""
+    source = str(shared / "data" / "llm-adapters")
+    project = user_project(tmp_path / "project")
+    before = snapshot(project)
+    out = tmp_path / "out"
+    for args, message in (
+            (["--source", source, "--out", str(project)], "it is not empty and `moela data` did not create it"),
+            (["--source", str(tmp_path / "nowhere"), "--out", str(out)], "no such folder"),
+            (["--source", source, "--out", str(out), "--tasks", "nosuchtask"], "holds none of the tasks' files")):
+        assert main(["data", "llm-adapters", *args]) == 1
+        assert message in one_line_error(capsys)
+    assert_kept(before, project)
+    assert not out.exists()
+    for _ in range(2):  # its own folder is written again
+        assert main(["data", "llm-adapters", "--source", source, "--out", str(out), "--tasks", "boolq"]) == 0
+    assert run_folder.owner(out) == "data" and len(json.loads((out / "boolq" / "test.json").read_text())) == 3270
+    assert main(["data", "scienceqa", "--source", str(shared / "data" / "scienceqa-sample"), "--out",
+                 str(project)]) == 1
+    assert "did not create it" in one_line_error(capsys)
+    assert_kept(before, project)
+
+
 def test_overwrite_and_resume_exclude_each_other(tmp_path, tiny_lm, capsys, no_model_load):
     assert main(["train", str(lm_config(tmp_path, tiny_lm)), "--overwrite", "--resume"]) == 1
     assert "--overwrite and --resume exclude each other" in one_line_error(capsys)
