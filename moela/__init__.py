@@ -1,12 +1,13 @@
 """moela: fine-tune pretrained transformers with a mixture of LoRA experts allocated per layer.
 
-The public names below are imported on first use (PEP 562), so that ``import moela.plan`` or the ``moela plan
+The public names below, and the submodules, are imported on first use (PEP 562), so that ``import moela.plan`` or the ``moela plan
 show`` command do not pay for torch, transformers and the Trainer.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 from .version import __version__
@@ -35,6 +36,8 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value
         return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)  # a submodule, e.g. moela.allocators
     raise AttributeError(f"module 'moela' has no attribute {name!r}")
 
 

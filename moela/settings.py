@@ -49,7 +49,7 @@ class ModelSettings:
 
 @dataclass
 class DataSettings:
-    train: Any = setting(None, "a source, or a list of sources: path | {path, task, split, limit}; moela:demo "
+    train: Any = setting(None, "a source, or a list of sources: a path or {path, task, split, limit}; moela:demo "
                                "is the built-in dataset")
     eval: Any = setting(None, "same; default: data.val_size of the training data held out")
     split: str = setting("train", "split of save_to_disk folders / hub datasets for training sources")
@@ -70,7 +70,7 @@ class DataSettings:
 
 @dataclass
 class AdapterSettings:
-    method: Any = setting("uniform", "an allocator (moela.allocators.available()) or a list of them (compare)")
+    method: Any = setting("uniform", "an allocator (moela.available()) or a list of them (compare)")
     targets: Any = setting("all-linear", "modules to adapt: all-linear, or a list of names / path suffixes")
     budget: Any = setting(None, 'parameters (int) or e.g. "uniform:E=4,r=8"; compare default: that string')
     options: dict = setting({}, "allocator options (experts, rank, top_k, pattern, …); {method: {…}} for one "
@@ -349,7 +349,7 @@ def reference(markdown: bool = False) -> str:
     def rows(owner: type, prefix: str):
         hints = typing.get_type_hints(owner)
         for f in dataclasses.fields(owner):
-            if f.name in SECTIONS:
+            if owner is Settings and f.name in SECTIONS:  # the sections' own rows follow (data.train is a key)
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             kind = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")

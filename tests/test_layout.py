@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from moela.settings import reference
@@ -51,6 +53,13 @@ def test_no_import_cycle_inside_the_package():
     for node in sorted(graph):
         if node not in state:
             visit(node, [node])
+
+
+def test_submodules_are_attributes_of_the_package_after_import_moela():
+    """``import moela; moela.allocators.available()`` in a fresh interpreter (PEP 562 ``__getattr__``)."""
+    code = "import moela; print(moela.allocators.available()[0], hasattr(moela, 'nosuch'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.split() == ["alphalora", "False"]
 
 
 def test_readme_layout_table_lists_every_module():
