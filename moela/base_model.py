@@ -27,12 +27,13 @@ def torch_dtype(name: str | None) -> torch.dtype | str:
     return getattr(torch, name)
 
 
-def check_local(name_or_path: str) -> None:
+def check_local(name_or_path: str, what: str = "base model",
+                key: str = "model.name_or_path=... or MoelaModel.from_pretrained(base, adapter)") -> None:
     """A name written as a local path (absolute, or starting with ``.`` or ``~``) must exist: ValueError
-    naming it (a moved or deleted base model) instead of a hub lookup."""
+    naming it (a moved or deleted model) and where to give its new location (``key``) instead of a hub lookup."""
     if (Path(name_or_path).is_absolute() or name_or_path.startswith((".", "~"))) and not Path(name_or_path).exists():
-        raise ValueError(f"base model {name_or_path}: no such folder (moved or deleted? give its new location, e.g. "
-                         "model.name_or_path=... or MoelaModel.from_pretrained(base, adapter))")
+        raise ValueError(f"{what} {name_or_path}: no such folder (moved or deleted? give its new location, e.g. "
+                         f"{key})")
 
 
 def read_config(name_or_path: str, config_file: str | os.PathLike | None = None, **extra):
@@ -46,9 +47,15 @@ def read_config(name_or_path: str, config_file: str | os.PathLike | None = None,
     check_local(name_or_path)
     try:
         return transformers.AutoConfig.from_pretrained(name_or_path, local_files_only=True, **extra)
-    except OSError:
+    except (OSError, ValueError) as err:
+        if (Path(name_or_path) / "config.json").is_file():
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{Path(name_or_path) / 'config.json'}: not a model config transformers can read "
+                             f"({reason})") from None
         if Path(name_or_path).exists():
             raise ValueError(f"{name_or_path}: no config.json in this model folder") from None
+        if not isinstance(err, OSError):
+            raise
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True", "ON"):
         print(f"moela: reading the config of {name_or_path} from the Hugging Face hub", file=sys.stderr)
         try:

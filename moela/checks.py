@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import re
 import typing
 import warnings
@@ -25,8 +24,8 @@ from torch import nn
 
 from .allocators import allocate, allocator, options_for
 from .allocators.budget import TOLERANCE, parse_budget, parse_pattern, plan_cost, routed, target_dims
-from .base_model import DATA_KINDS, load_model, model_task, read_config
-from .io import read_json
+from .base_model import DATA_KINDS, check_local, load_model, model_task, read_config
+from .io import read_json, unwritable
 from .plan import AllocationPlan, find_targets
 from .settings import Settings
 
@@ -270,7 +269,8 @@ def read_task(settings: Settings, model_config: str | Path | None = None) -> str
         return model_task(name, settings.model.task, model_config)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"model.name_or_path={name!r}: cannot read the model's config ({first})") from None
+        given = f"--model-config {model_config}" if model_config is not None else f"model.name_or_path={name!r}"
+        raise ValueError(f"{given}: cannot read the model's config ({first})") from None
 
 
 def check_protocol(settings: Settings, task: str) -> None:
@@ -368,6 +368,7 @@ def check_teacher(settings: Settings, model: nn.Module) -> None:
     if not any(allocator(m).needs_data for m in settings.methods):
         raise ValueError(f"config key 'adapter.teacher' is set, but no method of this run "
                          f"({', '.join(settings.methods)}) probes data")
+    check_local(teacher, "adapter.teacher", "adapter.teacher=...")
     try:
         config = read_config(teacher)
     except (OSError, ValueError) as err:
@@ -399,11 +400,9 @@ def check_output_file(path: str | Path, what: str, ours: Callable[[Path], bool])
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"-o {path}: is a folder; give a file name")
-    folder = next(p for p in (path.parent.resolve(), *path.parent.resolve().parents) if p.exists())
-    if not folder.is_dir():
-        raise ValueError(f"-o {path}: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"-o {path}: cannot write into {folder} (permission denied)")
+    reason = unwritable(path)
+    if reason:
+        raise ValueError(f"-o {path}: {reason}")
     if path.exists() and not ours(path):
         raise ValueError(f"-o {path}: the file exists and is not a {what} that moela wrote; refusing to replace it "
                          "(choose another name, or move it away)")

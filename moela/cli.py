@@ -81,7 +81,10 @@ def cmd_compare(ns) -> None:
 
     settings = settings_from(ns)
     methods = [m.strip() for m in ns.methods.split(",")] if ns.methods else None
-    seeds = [int(s) for s in ns.seeds.split(",")] if ns.seeds else None
+    try:
+        seeds = [int(s) for s in ns.seeds.split(",")] if ns.seeds else None
+    except ValueError:
+        raise ValueError(f"--seeds {ns.seeds!r}: give integers separated by commas, e.g. --seeds 0,1,2") from None
     pipeline.compare(settings, methods, overwrite=ns.overwrite, resume=ns.resume, seeds=seeds)
 
 

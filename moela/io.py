@@ -60,6 +60,18 @@ def atomic_file(path: Path) -> Iterator[str]:
         raise
 
 
+def unwritable(path: Path) -> str | None:
+    """Why ``path`` cannot be created (its nearest existing folder is a file, or not writable), or None."""
+    start = Path(path).absolute()
+    nearest = next(p for p in (start, *start.parents) if p.exists())
+    if nearest != start and not nearest.is_dir():
+        return f"{nearest} is a file, not a folder"
+    folder = nearest if nearest.is_dir() else nearest.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot write into {folder} (permission denied)"
+    return None
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (:func:`atomic_file`)."""
     with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from .io import OLD_SUFFIX, TMP_SUFFIX, atomic_write_text, recover
+from .io import OLD_SUFFIX, TMP_SUFFIX, atomic_write_text, recover, unwritable
 from .settings import Settings
 from .version import __version__
 
@@ -185,6 +185,9 @@ def check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool, kind: str = "
                       "would continue")
     if run_dir.exists() and not run_dir.is_dir():
         raise Refused(f"{run_dir} is a file, not a folder; choose another output_dir")
+    reason = unwritable(run_dir)
+    if reason:
+        raise Refused(f"output_dir {run_dir}: {reason}; choose another output_dir")
     if not _entries(run_dir):
         return
     found = owner(run_dir)

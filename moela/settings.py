@@ -306,7 +306,10 @@ def read_yaml(path: Path) -> dict:
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        raise ValueError(f"{path}: {where}not valid YAML ({problem})") from None
     except RecursionError:
         raise ValueError(f"{path}: YAML nested too deeply to read") from None
     if not isinstance(data, dict):
@@ -324,8 +327,9 @@ def load_settings(path: str | Path | None, overrides: Sequence[str] = (), defaul
         data = merge(data, default_config())
     else:
         path = Path(path)
+        loaded = read_yaml(path)  # its errors name the file
         try:
-            data = merge(data, read_yaml(path))
+            data = merge(data, loaded)
             Settings.from_dict(data)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None

@@ -253,6 +253,29 @@ def test_moela_data_writes_only_into_its_own_folder(tmp_path, shared, capsys):
     assert_kept(before, project)
 
 
+def test_refusals_name_the_file_option_or_key_at_fault(tmp_path, tiny_lm, capsys, no_model_load):
+    config = str(lm_config(tmp_path, tiny_lm))
+    broken_yaml, model, afile = tmp_path / "bad.yaml", tmp_path / "model", tmp_path / "afile"
+    broken_yaml.write_text("a: 1\n  b: [\n")
+    shutil.copytree(tiny_lm, model)
+    (model / "config.json").write_text("{not json")
+    afile.write_text("x")
+    cases = [
+        (["run", str(broken_yaml)], f"moela: error: {broken_yaml}: line 2, column 4: not valid YAML ("),
+        (["run", config, f"model.name_or_path={model}"], f"{model / 'config.json'}: not a model config transformers"),
+        (["run", config, f"output_dir={afile / 'sub'}"], f"output_dir {afile / 'sub'}: {afile} is a file, not a folder"),
+        (["compare", config, "--methods", "lora,uniform", "--seeds", "0,x"], "--seeds '0,x': give integers"),
+        (["allocate", config, "--dry-run", "--model-config", str(tmp_path / "nope.json")],
+         f"--model-config {tmp_path / 'nope.json'}: cannot read the model's config"),
+        (["run", config, "adapter.method=sensitivity", f"adapter.teacher={tmp_path / 'gone'}"],
+         f"adapter.teacher {tmp_path / 'gone'}: no such folder (moved or deleted? give its new location, e.g. "
+         "adapter.teacher=...)"),
+    ]
+    for args, message in cases:
+        assert main(args) == 1
+        assert message in one_line_error(capsys), args
+
+
 def test_overwrite_and_resume_exclude_each_other(tmp_path, tiny_lm, capsys, no_model_load):
     assert main(["train", str(lm_config(tmp_path, tiny_lm)), "--overwrite", "--resume"]) == 1
     assert "--overwrite and --resume exclude each other" in one_line_error(capsys)
