@@ -196,7 +196,8 @@ def check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool, kind: str = "
                       f"did not create it); refusing to {'delete' if overwrite else 'write into'} it; choose "
                       "another output_dir")
     if found not in RUN_KINDS or (not overwrite and found != kind):
-        raise Refused(f"{run_dir} holds a moela {found} folder, not a {what} folder; choose another output_dir")
+        raise Refused(f"{run_dir} holds a moela {found} folder, not a {what} folder; choose another output_dir "
+                      f"(or name=...)")
     if overwrite:
         reason = protected(run_dir)
         held = [p for p in local_inputs(settings) if inside(p, run_dir)]
