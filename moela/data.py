@@ -319,6 +319,18 @@ def split_validation(records: list[dict], size: float | int, seed: int = 0) -> t
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
+def first_per_task(records: list[dict], count: int) -> list[dict]:
+    """At most ``count`` records, taken evenly across their tasks (one from each task in turn, the first ones of
+    each), in their original order: a cap on a multi-task evaluation keeps every task."""
+    by_task: dict[Any, list[int]] = {}
+    for i, record in enumerate(records):
+        by_task.setdefault(record.get("task"), []).append(i)
+    kept: list[int] = []
+    for depth in range(max((len(v) for v in by_task.values()), default=0)):
+        kept += [ids[depth] for ids in by_task.values() if depth < len(ids)]
+    return [records[i] for i in sorted(kept[:count])]
+
+
 # --- prompts and tokenisation ---------------------------------------------------------------------------------
 def format_prompt(record: dict[str, Any], template: str = "alpaca") -> str:
     """The prompt of an instruction record; ``alpaca`` switches to its no-input form when ``input`` is empty."""

@@ -24,7 +24,7 @@ from .adapter import load_adapter
 from .allocators import allocate, allocator, options_for
 from .base_model import DATA_KINDS, load_model, load_tokenizer, model_task
 from .config import MoelaConfig
-from .data import load_records, make_loader, split_validation, task_ids, text_bound, tokenize
+from .data import first_per_task, load_records, make_loader, split_validation, task_ids, text_bound, tokenize
 from .distillation import teacher_loss
 from .distributed import broadcast, on_main, process_state
 from .evaluate import RoutingCounter, evaluate_accuracy, lm_eval_harness, routing_statistics
@@ -99,7 +99,7 @@ def prepare(settings: Settings, *, need_train: bool = True) -> Prepared:
     else:
         eval_records = []
     if data.max_eval_samples:
-        eval_records = eval_records[:data.max_eval_samples]
+        eval_records = first_per_task(eval_records, data.max_eval_samples)
     if need_train and not train_records:
         raise ValueError(f"data.train gives no training records (data.train={data.train!r})")
     tasks = task_ids(train_records + eval_records)

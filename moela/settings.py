@@ -65,7 +65,8 @@ class DataSettings:
     label_column: str = setting("label", "label field")
     choices_column: str = setting("choices", "multiple-choice options field")
     max_train_samples: int | None = setting(None, "use at most this many training records", low=1)
-    max_eval_samples: int | None = setting(None, "evaluate at most this many records", low=1)
+    max_eval_samples: int | None = setting(None, "evaluate at most this many records, taken evenly across the "
+                                                "evaluation tasks", low=1)
 
 
 @dataclass

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from moela import demo
-from moela.data import (Collator, format_prompt, load_records, make_loader, split_validation, task_ids, tokenize)
+from moela.data import (Collator, first_per_task, format_prompt, load_records, make_loader, split_validation, task_ids,
+                        tokenize)
 from tests.helpers import byte_tokenizer
 
 GOOD = {"instruction": "is it true?\n\nAnswer format: true/false", "input": "", "output": "the correct answer is true",
@@ -197,3 +198,12 @@ def test_demo_dataset_is_deterministic_balanced_and_not_solved_by_length():
         assert (words[2] in demo.ANIMALS) == bool(row["label"])
     with pytest.raises(ValueError, match="splits"):
         demo.records("dev")
+
+
+def test_an_evaluation_cap_is_taken_evenly_across_tasks():
+    """``data.max_eval_samples`` over a multi-task evaluation keeps every task (it kept only the first task's)."""
+    records = [{"task": "a", "i": i} for i in range(5)] + [{"task": "b", "i": i} for i in range(5, 7)]
+    assert [r["i"] for r in first_per_task(records, 4)] == [0, 1, 5, 6]
+    assert [r["i"] for r in first_per_task(records, 5)] == [0, 1, 2, 5, 6]
+    assert first_per_task(records, 100) == records
+    assert first_per_task(records[:5], 3) == records[:3]  # one task: its first records

@@ -10,6 +10,7 @@ import pytest
 
 from moela import demo, evaluate
 from moela.cli import main
+from moela.data import first_per_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,7 +30,7 @@ def test_demo_narration_baseline_flag_and_protocol(tmp_path, tiny_bert, capsys, 
     assert all(task in intro for task in demo.GENERATORS) and "48 train / 30 test examples" in intro
     assert "lora " in intro and "uniform " in intro and "budget  uniform:E=4,r=4" in intro
     # after: per-run lines next to the majority class, the table, what it says, what to do next
-    eval_records = demo.records("test")[:30]
+    eval_records = first_per_task(demo.records("test"), 30)
     majority = sum(Counter(r["label"] for r in eval_records if r["task"] == t).most_common(1)[0][1]
                    for t in demo.GENERATORS) / 30
     assert f"(majority class {100 * majority:.1f}%)" in rest and "⚠ one answer to every example" in rest
