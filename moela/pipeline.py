@@ -22,6 +22,7 @@ from torch import nn
 from . import checks, demo, run_folder
 from .adapter import load_adapter
 from .allocators import allocate, allocator, options_for
+from .allocators.probe import progress_bars
 from .base_model import DATA_KINDS, load_model, load_tokenizer, model_task
 from .config import MoelaConfig
 from .data import first_per_task, load_records, make_loader, split_validation, task_ids, text_bound, tokenize
@@ -141,7 +142,7 @@ def make_plan(settings: Settings, model: nn.Module, prepared: Prepared | None, m
                              f"{', '.join(untrained[:3])}{' …' if len(untrained) > 3 else ''} (a teacher must be "
                              f"trained for the run's task: a classifier needs its head)")
         probe = teacher_loss(model, teacher.to(next(model.parameters()).device))
-    with probe:
+    with probe, progress_bars(settings.train.progress):
         return allocate(method, model, targets=adapter.targets, budget=adapter.budget, data=data,
                         seed=settings.train.seed, **options_for(method, adapter.options or {}, settings.methods))
 

@@ -109,7 +109,7 @@ class TrainSettings:
     gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
     compile: bool = setting(False, "compile the model for training with torch.compile (inductor; on CPU it needs a "
                                    "C++ compiler); the first steps are slower while it compiles")
-    progress: bool = setting(True, "show a progress bar")
+    progress: bool = setting(True, "show progress bars (training, and the allocators' probe and search)")
     report_to: Any = setting("none", "trackers the Trainer logs to: none, all, tensorboard, wandb, mlflow, … "
                                      "(a name or a list; the tracker's package must be installed)")
     trainer_args: dict = setting({}, "any other transformers TrainingArguments field, e.g. {max_grad_norm: 0.5, "

@@ -99,3 +99,12 @@ def test_compare_with_several_seeds_reports_mean_and_spread(tmp_path, tiny_lm, c
     assert "[lora seed 1] accuracy" in printed
     assert main(["plan", "show", str(out)]) == 0
     assert str(out / "uniform" / "seed-1") in capsys.readouterr().out
+
+
+def test_progress_false_hides_the_allocators_progress_bars(tmp_path, tiny_lm, capsys):
+    config = str(lm_config(tmp_path, tiny_lm))
+    shown = {}
+    for progress in ("true", "false"):
+        assert main(["allocate", config, "adapter.method=sensitivity", f"train.progress={progress}"]) == 0
+        shown[progress] = "gradient probe" in capsys.readouterr().err
+    assert shown == {"true": True, "false": False}

@@ -22,14 +22,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..distributed import process_group
 from ..layer import LoraMoELinear, RouterStats
 from ..model import balance_loss
 from ..plan import AllocationPlan, ModulePlan, find_targets
 from .budget import TOLERANCE, apportion, finish, fit, parse_budget, plan_cost, routed, target_dims
-from .probe import Cost, holdout, pad_id, size, swapped, to_device
+from .probe import Cost, holdout, pad_id, progress, size, swapped, to_device
 from .registry import register
 
 RANK_OFF = 1e-4  # scale of the rank rows beyond the selected prefix
@@ -277,7 +276,7 @@ def search(model: nn.Module, names: list[str], train: list[dict], val: list[dict
         lam, scale, spent = 0.0, 0.0, readout_cost() / budget if budget else 0.0
         last, stable, previous = None, 0, torch.cat([p.detach().sigmoid().flatten() for p in arch])
         rank, world = process_group()
-        for step in (bar := tqdm(range(steps), desc="guilomo search", leave=False)):
+        for step in (bar := progress(range(steps), "guilomo search")):
             at = step * world + rank  # several processes: each takes its own batch of the step
             train_loss = loss_on(train[at % len(train)], balance)
             val_loss = loss_on(val[at % len(val)], 0.0)

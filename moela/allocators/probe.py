@@ -11,12 +11,32 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from contextvars import ContextVar
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..data import Collator
+
+
+_SHOW_PROGRESS: ContextVar[bool] = ContextVar("moela_allocator_progress", default=True)
+
+
+@contextmanager
+def progress_bars(show: bool) -> Iterator[None]:
+    """Within the block, the allocators' progress bars are shown or not (``train.progress`` in a run)."""
+    token = _SHOW_PROGRESS.set(show)
+    try:
+        yield
+    finally:
+        _SHOW_PROGRESS.reset(token)
+
+
+def progress(iterable: Iterable, desc: str) -> tqdm:
+    """``iterable`` with a transient tqdm bar, unless :func:`progress_bars` turned them off."""
+    return tqdm(iterable, desc=desc, leave=False, disable=not _SHOW_PROGRESS.get())
 
 
 def is_examples(data: Any) -> bool:

@@ -15,13 +15,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..plan import AllocationPlan, find_targets, module_type
 from ..distributed import process_group
 from .registry import register
 from .budget import TOLERANCE, apportion, finish, fit, parse_budget, plan_cost, routed, target_dims, warn_if_missed
-from .probe import Cost, batches, pad_id, to_device
+from .probe import Cost, batches, pad_id, progress, to_device
 
 
 def squared_grad_norm(x: torch.Tensor, g: torch.Tensor) -> float:
@@ -63,7 +62,7 @@ def backward_hooks(model: nn.Module, names: list[str], probe_batches: list[dict[
             handles.append(embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_()))
         for name in names:
             handles.append(model.get_submodule(name).register_forward_hook(watch(name)))
-        for batch in tqdm(probe_batches, desc="gradient probe", leave=False):
+        for batch in progress(probe_batches, "gradient probe"):
             inputs, task = to_device(batch, device)
             groups = [(0, None)] if task is None else [(int(t), task == t) for t in torch.unique(task)]
             for t, rows in groups:
