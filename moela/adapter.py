@@ -134,6 +134,18 @@ def save_adapter(model: nn.Module, directory: str | Path, state: dict[str, torch
         write_adapter(model, tmp, state)
 
 
+def read_adapter(directory: str | Path) -> tuple[MoelaConfig, dict[str, torch.Tensor]]:
+    """The config and weights of the adapter folder ``directory``, read without a model (so a command can check
+    them before it loads one); every error names the file."""
+    directory = Path(directory)
+    recover_dir(directory)  # a crash between the two renames of a replacement left it as .<name>.old
+    config = MoelaConfig.load(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: no adapter weights here")
+    return config, read_tensors(weights)
+
+
 def load_adapter(model: nn.Module, directory: str | Path, is_trainable: bool = False,
                  adapter_dtype: torch.dtype | None = None) -> nn.Module:
     """Inject the adapter saved in ``directory`` into the base ``model`` and load its weights and head.
@@ -142,12 +154,8 @@ def load_adapter(model: nn.Module, directory: str | Path, is_trainable: bool = F
     or its shapes differ from the adapter's.
     """
     directory = Path(directory)
-    recover_dir(directory)  # a crash between the two renames of a replacement left it as .<name>.old
-    config = MoelaConfig.load(directory)
+    config, state = read_adapter(directory)
     weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: no adapter weights here")
-    state = read_tensors(weights)
     try:
         dims = config.plan.validate(model)
     except ValueError as err:

@@ -36,6 +36,16 @@ def check_local(name_or_path: str, what: str = "base model",
                          f"{key})")
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_weights(name_or_path: str) -> None:
+    """A local model folder holds weights (:data:`WEIGHT_FILES`): ValueError naming it, before any work."""
+    path = Path(name_or_path)
+    if path.is_dir() and not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ValueError(f"{path}: no model weights in this folder (none of {', '.join(WEIGHT_FILES)})")
+
+
 def read_config(name_or_path: str, config_file: str | os.PathLike | None = None, **extra):
     """The model's config, no weights: from ``config_file`` (a ``config.json`` or the folder holding it) when
     given, else from a local folder or the Hugging Face cache, else from the hub. A ValueError says how to give

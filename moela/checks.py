@@ -24,7 +24,7 @@ from torch import nn
 
 from .allocators import allocate, allocator, options_for
 from .allocators.budget import TOLERANCE, parse_budget, parse_pattern, plan_cost, routed, target_dims
-from .base_model import DATA_KINDS, check_local, load_model, model_task, read_config
+from .base_model import DATA_KINDS, check_local, check_weights, load_model, model_task, read_config
 from .io import read_json, unwritable
 from .plan import AllocationPlan, find_targets
 from .settings import Settings
@@ -349,6 +349,8 @@ def preflight(settings: Settings, *, evaluate: bool = True, allocation: bool = T
     config.json (or folder) to read the model's config from instead of its own."""
     check_values(settings, allocation=allocation, data=data)
     task = read_task(settings, model_config)
+    if data and model_config is None:  # a command that loads the weights
+        check_weights(settings.model.name_or_path)
     if evaluate:
         check_protocol(settings, task)
     if allocation:

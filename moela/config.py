@@ -73,12 +73,18 @@ class MoelaConfig:
     def from_dict(cls, data: dict[str, Any]) -> "MoelaConfig":
         if not isinstance(data, dict) or "plan" not in data:
             raise ValueError("not a moela adapter config: it has no 'plan'")
-        return cls(plan=AllocationPlan.from_dict(data["plan"]), alpha=float(data.get("alpha", 16.0)),
-                   dropout=float(data.get("dropout", 0.0)), scaling=data.get("scaling", "lora"),
+        def number(key: str, default: float) -> float:
+            try:
+                return float(data.get(key, default))
+            except (TypeError, ValueError):
+                raise ValueError(f"{key!r} must be a number, got {data[key]!r}") from None
+
+        return cls(plan=AllocationPlan.from_dict(data["plan"]), alpha=number("alpha", 16.0),
+                   dropout=number("dropout", 0.0), scaling=data.get("scaling", "lora"),
                    base_model_name_or_path=data.get("base_model_name_or_path"), revision=data.get("revision"),
                    task_type=data.get("task_type"), num_labels=data.get("num_labels"),
                    modules_to_save=list(data.get("modules_to_save") or []),
-                   balance_coef=float(data.get("balance_coef", 1e-3)),
+                   balance_coef=number("balance_coef", 1e-3),
                    balance_reduction=data.get("balance_reduction", "sum"), extra=dict(data.get("extra") or {}))
 
     def save(self, directory: str | Path) -> None:

@@ -20,7 +20,7 @@ import transformers
 from torch import nn
 
 from . import checks, demo, run_folder
-from .adapter import load_adapter
+from .adapter import load_adapter, read_adapter
 from .allocators import allocate, allocator, options_for
 from .allocators.probe import progress_bars
 from .base_model import DATA_KINDS, load_model, load_tokenizer, model_task
@@ -35,7 +35,7 @@ from .plan import AllocationPlan
 from . import report
 from .report import metrics_table, run_row, write_compare_report, write_run_report
 from .settings import DataSettings, Settings, load_settings, parse_override
-from .train import check_trainer_args, train_adapter
+from .train import check_report_to, check_trainer_args, train_adapter
 
 
 # --- data -------------------------------------------------------------------------------------------------------
@@ -153,6 +153,7 @@ def check_methods(settings: Settings, evaluate: bool = True, data: bool = True,
     trial allocation on the meta device (:func:`moela.checks.preflight`) and ``train.trainer_args``."""
     checks.preflight(settings, evaluate=evaluate, data=data, model_config=model_config)
     check_trainer_args(settings.train.trainer_args)
+    check_report_to(settings.train.report_to)
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
@@ -363,6 +364,7 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str
         overrides.insert(0, "data.max_eval_samples=null")  # the run's cap was for the run's own evaluation data
     settings = load_settings(run_dir / run_folder.SETTINGS_FILE, overrides)
     checks.preflight(settings, allocation=False)
+    read_adapter(run_dir / "adapter")  # its files are checked before the model loads
     prepared = prepare(settings, need_train=False)
     model, _ = load_base(settings, prepared)
     load_adapter(model, run_dir / "adapter", adapter_dtype=torch.float32)

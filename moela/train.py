@@ -176,6 +176,21 @@ def check_trainer_args(extra: dict[str, Any]) -> None:
             raise ValueError(f"train.trainer_args.{key}: not a transformers TrainingArguments field")
 
 
+def check_report_to(report_to: Any) -> None:
+    """ValueError naming a ``train.report_to`` tracker that transformers does not know or that is not installed
+    (the Trainer would fail only when training starts)."""
+    from transformers.integrations import integration_utils
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    known = integration_utils.INTEGRATION_TO_CALLBACK
+    installed = integration_utils.get_available_reporting_integrations()
+    for name in (str(n) for n in names if n not in ("none", "all")):
+        if name not in known:
+            raise ValueError(f"train.report_to: unknown tracker {name!r}; transformers knows {', '.join(sorted(known))}")
+        if name not in installed:
+            raise ValueError(f"train.report_to: {name!r} is not installed here (pip install {name})")
+
+
 def training_arguments(cfg: TrainSettings, output_dir: str | Path, num_examples: int) -> transformers.TrainingArguments:
     """TrainingArguments from the ``train`` settings (warm-up given as a ratio of the total steps; a step takes
     ``batch_size · grad_accum`` examples on each process)."""

@@ -271,9 +271,27 @@ def test_refusals_name_the_file_option_or_key_at_fault(tmp_path, tiny_lm, capsys
          f"adapter.teacher {tmp_path / 'gone'}: no such folder (moved or deleted? give its new location, e.g. "
          "adapter.teacher=...)"),
     ]
+    weightless = tmp_path / "weightless"
+    shutil.copytree(tiny_lm, weightless, ignore=shutil.ignore_patterns("*.safetensors"))
+    cases.append((["run", config, f"model.name_or_path={weightless}"], f"{weightless}: no model weights in this folder"))
     for args, message in cases:
         assert main(args) == 1
         assert message in one_line_error(capsys), args
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_checks_the_adapter_files_before_the_model_loads(tmp_path, trained, capsys, no_model_load):
+    run = tmp_path / "run"
+    shutil.copytree(trained[1], run)
+    weights, config = run / "adapter" / "adapter_model.safetensors", run / "adapter" / "adapter_config.json"
+    data = json.loads(config.read_text())
+    config.write_text(json.dumps({**data, "alpha": "x"}))
+    assert main(["evaluate", str(run)]) == 1
+    assert f"{config}: 'alpha' must be a number, got 'x'" in one_line_error(capsys)
+    config.write_text(json.dumps(data))
+    weights.write_bytes(weights.read_bytes()[:50])
+    assert main(["evaluate", str(run)]) == 1
+    assert str(weights) in one_line_error(capsys)
 
 
 def test_overwrite_and_resume_exclude_each_other(tmp_path, tiny_lm, capsys, no_model_load):
@@ -466,6 +484,7 @@ def test_a_second_process_is_kept_out_of_a_run_folder(tmp_path, trained, capsys,
     (["data.train=[{path: x.json, colour: red}]"], "config key 'data.train': unknown source field(s) ['colour']"),
     (["data.train=no_such_file.json"], "config key 'data.train': no_such_file.json: no such data file"),
     ([f"data.train={ROOT / 'pyproject.toml'}"], "pyproject.toml: unknown data format '.toml'; use .json, .jsonl"),
+    (["train.report_to=[tensorbored]"], "train.report_to: unknown tracker 'tensorbored'; transformers knows"),
     (["data.eval=[{path: x.json, limit: 0}]"], "source field 'limit' must be an integer >= 1"),
     (["model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model': cannot read the model's config"),
 ])
@@ -474,6 +493,17 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, tiny_lm, capsys, no_
     assert main(["run", str(config), *overrides]) == 1
     assert message in one_line_error(capsys)
     assert not (tmp_path / "run").exists()  # refused before the run folder was even made
+
+
+def test_a_tracker_that_is_not_installed_is_refused_before_any_work(tmp_path, tiny_lm, capsys, no_model_load,
+                                                                      monkeypatch):
+    from transformers.integrations import integration_utils
+
+    monkeypatch.setattr(integration_utils, "get_available_reporting_integrations", lambda: ["tensorboard"])
+    config = lm_config(tmp_path, tiny_lm, adapter={"method": "lora", "options": {}})
+    assert main(["run", str(config), "train.report_to=[tensorboard, wandb]"]) == 1
+    assert "train.report_to: 'wandb' is not installed here (pip install wandb)" in one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
 
 
 def numeric_keys() -> list[str]:
