@@ -58,9 +58,11 @@ def cmd_run(ns) -> None:
             print_plan(plan, model)
         return
     demo = None
-    if is_demo(ns):  # the built-in demo says what it runs, and afterwards what to do next
-        from . import demo
+    if is_demo(ns):  # the built-in demo says what it runs (once its folder may be used), and then what to do next
+        from . import demo, run_folder
 
+        run_folder.check_run_dir(Path(settings.output_dir), overwrite=ns.overwrite, resume=ns.resume,
+                                 kind="compare" if len(settings.methods) > 1 else "run", settings=settings)
         print(demo.introduction(settings), flush=True)
     if len(settings.methods) > 1:
         pipeline.compare(settings, overwrite=ns.overwrite, resume=ns.resume)

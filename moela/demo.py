@@ -162,8 +162,11 @@ def next_steps(settings: Any) -> str:
         "  seeds     moela compare --default --seeds 0,1,2 --output-dir runs/demo-seeds   (mean ± sd, 3× longer)",
         "  own data  copy configs/minilm-sst2.yaml, point data.train / data.eval at your files (JSON, JSONL or",
         "            TSV), then: moela compare my.yaml --methods " + ",".join(methods),
-        "  real data moela data llm-adapters --source DIR, then moela compare configs/stories260k-boolq.yaml",
-        "            --methods lora,uniform,hilo (or configs/llama2-7b-commonsense.yaml on a GPU)",
+        "  real data moela data llm-adapters (from the hub; --source DIR offline), then",
+        "            moela compare configs/stories260k-boolq.yaml --methods lora,uniform,hilo name=boolq-compare",
+        "            'data.train={path: data/llm-adapters/boolq/train.json, limit: 512}'",
+        "            'data.eval={path: data/llm-adapters/boolq/test.json, limit: 64}'",
+        "            (or configs/llama2-7b-commonsense.yaml on a GPU)",
         "  Python    plan = moela.allocate(\"hilo\", model, budget=\"uniform:E=4,r=8\"); moela.inject(model, plan)",
         "            (README.md, Quick start)",
     ])

@@ -89,6 +89,10 @@ class AllocationPlan:
     modules: dict[str, ModulePlan]
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self):
+        if not all(isinstance(spec, ModulePlan) for spec in self.modules.values()):  # plain JSON-like entries
+            self.modules = AllocationPlan.from_dict(self.modules).modules
+
     # --- construction and serialisation -----------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "AllocationPlan":

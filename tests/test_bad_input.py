@@ -41,7 +41,7 @@ def test_bad_training_data(tmp_path, tiny_lm, capsys, name, text, message):
     (tmp_path / name).write_text(text)
     assert main(["train", str(config), f"data.train={tmp_path / name}"]) == 1
     assert re.search(message, one_line_error(capsys))
-    assert (tmp_path / "run" / "FAILED").is_file() and not (tmp_path / "run" / "FINISHED").exists()
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
 
 
 def test_no_training_records(tmp_path, tiny_lm, capsys):

@@ -90,3 +90,10 @@ def test_load_names_file_and_line(tmp_path):
     path.write_text(json.dumps({"modules": {"x.0.q": {"ranks": [0]}}}))
     with pytest.raises(ValueError, match=r"plan.json: plan entry 'x.0.q'"):
         AllocationPlan.load(path)
+
+
+def test_a_plan_built_from_plain_entries_is_checked_like_a_loaded_one():
+    plan = AllocationPlan({"model.layers.0.mlp.up_proj": {"ranks": [4, 2], "top_k": 1}})
+    assert plan.modules["model.layers.0.mlp.up_proj"] == ModulePlan(ranks=[4, 2], top_k=1)
+    with pytest.raises(ValueError, match="plan entry 'x': expected an object with 'ranks'"):
+        AllocationPlan({"x": {"rank": 2}})
