@@ -1,7 +1,7 @@
 """moela: fine-tune pretrained transformers with a mixture of LoRA experts allocated per layer.
 
-The public names below, and the submodules, are imported on first use (PEP 562), so that ``import moela.plan`` or the ``moela plan
-show`` command do not pay for torch, transformers and the Trainer.
+The public names below, and the submodules, are imported on first use (PEP 562), so that ``import moela.plan``
+or the ``moela plan show`` command do not pay for torch, transformers and the Trainer.
 """
 
 from __future__ import annotations

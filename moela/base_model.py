@@ -36,7 +36,8 @@ def check_local(name_or_path: str, what: str = "base model",
                          f"{key})")
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 def check_weights(name_or_path: str) -> None:

@@ -154,7 +154,8 @@ def llm_adapters(out: str | Path = LLM_ADAPTERS_DIR, source: str | Path | None =
     under ``missing`` and skipped, never faked."""
     out, tasks = Path(out), list(tasks)
     check_out(out, source)
-    if source is not None and not any((Path(source) / t / f"{s}.json").is_file() for t in tasks for s in ("train", "test")):
+    if source is not None and not any((Path(source) / task / f"{split}.json").is_file()
+                                      for task in tasks for split in ("train", "test")):
         raise ValueError(f"--source {source} holds none of the tasks' files (<task>/train.json or test.json for "
                          f"{', '.join(tasks)})")
     out.mkdir(parents=True, exist_ok=True)

@@ -105,38 +105,40 @@ def _entries(folder: Path) -> list[Path]:
 
 
 def _written(entry: Path) -> bool:
-    """Whether moela wrote ``entry`` of a run or comparison folder: one of :data:`WRITTEN`, a temporary or
-    replaced copy of one (``.<name>.…tmp``, ``.<name>.old``, :mod:`moela.io`), or a comparison's run folder
-    (or method folder of ``seed-<s>`` run folders) holding only such entries."""
+    """Whether ``entry`` of a run or comparison folder is a file or folder moela writes there (:data:`WRITTEN`),
+    or a temporary or replaced copy of one (``.<name>.…tmp``, ``.<name>.old``, :mod:`moela.io`)."""
     name = entry.name
     if name in WRITTEN:
         return True
-    if name.startswith(".") and name.endswith((TMP_SUFFIX, OLD_SUFFIX)):
-        return any(name.startswith(f".{own}.") for own in WRITTEN)
-    if not entry.is_dir() or entry.is_symlink():
-        return False
-    if owner(entry) == "run":
-        return foreign(entry) is None
-    seeds = _entries(entry)  # a comparison's method folder over several seeds: seed-<s> run folders
-    return bool(seeds) and all(seed.name.startswith("seed-") and _written(seed) for seed in seeds)
+    return name.startswith(".") and name.endswith((TMP_SUFFIX, OLD_SUFFIX)) and \
+        any(name.startswith(f".{own}.") for own in WRITTEN)
 
 
-def foreign(folder: Path) -> Path | None:
-    """A file or folder under ``folder`` (a run or comparison folder) that moela did not write, or None."""
-    for entry in sorted(_entries(folder)):
+def foreign(folder: Path, kind: str | None = None) -> Path | None:
+    """A file or folder under ``folder`` that moela did not write, or None. ``kind`` (default: the folder's
+    marker): ``run``; ``compare``, whose folders are its methods' run folders, or folders of ``seed-<s>`` run
+    folders (``seeds``), searched in turn."""
+    kind = kind or owner(folder)
+    entries = sorted(_entries(folder))
+    if kind == "seeds" and not entries:
+        return folder
+    for entry in entries:
         if _written(entry):
             continue
-        if entry.is_dir() and not entry.is_symlink() and (
-                owner(entry) == "run" or all(seed.name.startswith("seed-") for seed in _entries(entry))):
-            return foreign(entry) or entry  # name what is not moela's inside one of its folders
-        return entry
+        runs = entry.is_dir() and not entry.is_symlink() and (
+            kind == "compare" or (kind == "seeds" and entry.name.startswith("seed-") and owner(entry) == "run"))
+        if not runs:
+            return entry
+        inner = foreign(entry, "run" if owner(entry) == "run" else "seeds")
+        if inner is not None:
+            return inner
     return None
 
 
 def _clear(folder: Path) -> None:
-    """Delete what moela wrote in ``folder`` (:func:`foreign` found nothing else) but the lock file (held by this
-    process)."""
-    for entry in filter(_written, _entries(folder)):
+    """Delete everything in ``folder`` but the lock file (held by this process); :func:`check_run_dir` has
+    found nothing there that moela did not write."""
+    for entry in _entries(folder):
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:
@@ -197,7 +199,7 @@ def check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool, kind: str = "
                       "another output_dir")
     if found not in RUN_KINDS or (not overwrite and found != kind):
         raise Refused(f"{run_dir} holds a moela {found} folder, not a {what} folder; choose another output_dir "
-                      f"(or name=...)")
+                      "(or name=...)")
     if overwrite:
         reason = protected(run_dir)
         held = [p for p in local_inputs(settings) if inside(p, run_dir)]

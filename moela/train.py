@@ -186,7 +186,8 @@ def check_report_to(report_to: Any) -> None:
     installed = integration_utils.get_available_reporting_integrations()
     for name in (str(n) for n in names if n not in ("none", "all")):
         if name not in known:
-            raise ValueError(f"train.report_to: unknown tracker {name!r}; transformers knows {', '.join(sorted(known))}")
+            raise ValueError(f"train.report_to: unknown tracker {name!r}; transformers knows "
+                             f"{', '.join(sorted(known))}")
         if name not in installed:
             raise ValueError(f"train.report_to: {name!r} is not installed here (pip install {name})")
 
