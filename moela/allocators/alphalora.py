@@ -216,7 +216,7 @@ def alphalora_plan(model: nn.Module, *, targets: Any, budget: int | str | None =
                    precision: str | None = None, workers: int = 1) -> AllocationPlan:
     """``N_l = round(T · ᾱ_l^β / Σ ᾱ^β)`` experts on every target of block ``l``, repaired to sum to ``T``
     (default ``T`` = 4 per block with targets), top-k (top-1 where ``N_l = 1``), rank ``rank``. With a budget,
-    experts are spread over the modules in proportion to their block's ``ᾱ^β`` until it is met. ``mode``,
+    ``T`` is the one whose plan costs closest to it, so every target of a block keeps the block's ``N_l``. ``mode``,
     ``threshold`` (default: None in reference mode, 1e-5 in moela mode) and ``window`` (default: the mode's):
     module docstring. [decision] ᾱ_l averages the *targets* of block l (the public code: every linear map of
     the block; the same with ``targets="all-linear"``); a layer rounded to 0 experts gets 1.
@@ -254,12 +254,11 @@ def alphalora_plan(model: nn.Module, *, targets: Any, budget: int | str | None =
             counts = dict(zip(layers, apportion([weight[l] for l in layers], total, lo=1)))
         modules = {n: routed([rank] * counts[layer_index(n)], top_k) for n in names}
     else:
-        per_module = [weight[layer_index(n)] for n in names]
+        def build(count: int) -> dict:  # ``count`` experts per target module summed over the blocks, N_l per block
+            per_block = dict(zip(layers, apportion([weight[l] for l in layers], count, lo=1)))
+            return {n: routed([rank] * per_block[layer_index(n)], top_k) for n in names}
 
-        def build(count: int) -> dict:
-            return {n: routed([rank] * e, top_k) for n, e in zip(names, apportion(per_module, count, lo=1))}
-
-        modules, _ = fit(build, target, dims, lo=len(names),
+        modules, _ = fit(build, target, dims, lo=len(layers),
                          minimum=f"one expert of rank {rank} on each of the {len(names)} target modules")
     scores = {"alpha": alphas, "layer_alpha": {str(l): mean_alpha[l] for l in layers}}
     options = {"total": total, "beta": beta, "rank": rank, "top_k": top_k, "bins": bins, "mode": mode,

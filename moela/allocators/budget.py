@@ -133,6 +133,39 @@ def warn_if_missed(budget: int, achieved: int) -> None:
                       f"from the requested {budget:,}", stacklevel=3)
 
 
+SCALES = np.geomspace(1e-3, 1e3, 6000)  # the scale factors a depth pattern is tried at under a budget
+
+
+def scaled_patterns(digits: Sequence[int], grid: np.ndarray = SCALES) -> list[tuple[tuple[int, ...], float]]:
+    """The distinct ``(max(1, round(c · d_g)))_g`` for the scale factors ``c`` in ``grid`` (each monotone
+    wherever ``digits`` is, since rounding is monotone), with the factor that first gave each."""
+    seen: dict[tuple[int, ...], float] = {}
+    for c in grid:
+        seen.setdefault(tuple(max(1, int(np.floor(c * d + 0.5))) for d in digits), float(c))
+    return list(seen.items())
+
+
+def pattern_costs(counts: np.ndarray, ranks: np.ndarray, count_group: Sequence[int], rank_group: Sequence[int],
+                  dims: Mapping[str, tuple[int, int]]) -> np.ndarray:
+    """Cost (METHODS.md §3) of the plans giving each module ``n`` (in the order of ``dims``) ``counts[i, g]``
+    experts of rank ``ranks[j, h]``, with ``g, h`` its count and rank groups: (len(counts), len(ranks)).
+    ``Σ_n e r (d_in + d_out) + [e > 1] e d_in``, summed per (count group, rank group) cell."""
+    width = np.zeros((counts.shape[1], ranks.shape[1]))
+    router = np.zeros(counts.shape[1])
+    for (d_in, d_out), cg, rg in zip(dims.values(), count_group, rank_group):
+        width[cg, rg] += d_in + d_out
+        router[cg] += d_in
+    return np.einsum("ig,gh,jh->ij", counts, width, ranks) + ((counts * (counts > 1)) @ router)[:, None]
+
+
+def closest(cost: np.ndarray, budget: int, minimum: str) -> int:
+    """The index of the cost closest to ``budget``; ValueError when even the smallest exceeds it by more than
+    the tolerance (``minimum`` says what that smallest plan is)."""
+    if cost.min() > budget * (1 + TOLERANCE):
+        raise ValueError(f"budget {budget:,} is below the minimum of {int(cost.min()):,} parameters ({minimum})")
+    return int(np.argmin(np.abs(cost - budget)))
+
+
 def routed(ranks: list[int], top_k: int, **routing: Any) -> ModulePlan:
     """:meth:`ModulePlan.capped`: a module plan with top-k capped by the number of experts."""
     return ModulePlan.capped(ranks, top_k, **routing)

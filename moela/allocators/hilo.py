@@ -14,17 +14,8 @@ from torch import nn
 
 from ..plan import AllocationPlan, find_targets, layer_index
 from .registry import register
-from .budget import (TOLERANCE, depth_group, finish, num_layers, parse_budget, parse_pattern, plan_cost, routed,
-                     target_dims, warn_if_missed)
-
-
-def scaled_patterns(digits: Sequence[int], grid: np.ndarray) -> list[tuple[int, ...]]:
-    """The distinct ``(max(1, round(c · d_g)))_g`` for the scale factors ``c`` in ``grid`` (each monotone
-    wherever ``digits`` is, since rounding is monotone), with the factor that first gave each."""
-    seen: dict[tuple[int, ...], float] = {}
-    for c in grid:
-        seen.setdefault(tuple(max(1, int(np.floor(c * d + 0.5))) for d in digits), float(c))
-    return list(seen.items())
+from .budget import (TOLERANCE, closest, depth_group, finish, num_layers, parse_budget, parse_pattern,
+                     pattern_costs, plan_cost, routed, scaled_patterns, target_dims, warn_if_missed)
 
 
 @register("hilo")
@@ -57,32 +48,23 @@ def hilo_plan(model: nn.Module, *, targets: Any, budget: int | str | None = None
     def build(counts: Sequence[int], rank_of: Sequence[int]) -> dict:
         return {n: module(counts[cg], rank_of[rg]) for n, cg, rg in zip(names, count_group, rank_group)}
 
+    counts, rank_of = count_digits, rank_digits  # the patterns the plan uses
     if target is None:
-        modules = build(count_digits, rank_digits)
+        modules = build(counts, rank_of)
     else:
-        grid = np.geomspace(1e-3, 1e3, 6000)
-        count_options, rank_options = scaled_patterns(count_digits, grid), scaled_patterns(rank_digits, grid)
-        # cost = Σ_m e_m r_m (d_in + d_out) + [e_m > 1] e_m d_in, summed per (count group, rank group) cell
-        width = np.zeros((len(count_digits), len(rank_digits)))
-        router = np.zeros(len(count_digits))
-        for n, cg, rg in zip(names, count_group, rank_group):
-            width[cg, rg] += sum(dims[n])
-            router[cg] += dims[n][0]
+        count_options, rank_options = scaled_patterns(count_digits), scaled_patterns(rank_digits)
         e_mat = np.array([c for c, _ in count_options], dtype=float)
         r_mat = np.array([r for r, _ in rank_options], dtype=float)
-        cost = np.einsum("ig,gh,jh->ij", e_mat, width, r_mat) + ((e_mat * (e_mat > 1)) @ router)[:, None]
+        cost = pattern_costs(e_mat, r_mat, count_group, rank_group, dims)
         skew = np.abs(np.log(np.array([c for _, c in count_options]))[:, None]
                       - np.log(np.array([c for _, c in rank_options]))[None, :])
-        miss = np.abs(cost - target)
-        inside = miss <= TOLERANCE * target
-        if (cost.min() > target * (1 + TOLERANCE)):
-            raise ValueError(f"budget {target:,} is below the minimum of {int(cost.min()):,} parameters "
-                             f"(one expert of rank 1 on each of the {len(names)} target modules)")
-        i, j = np.unravel_index(np.argmin(np.where(inside, skew, np.inf)) if inside.any() else np.argmin(miss),
-                                cost.shape)
-        modules = build(count_options[i][0], rank_options[j][0])
+        inside = np.abs(cost - target) <= TOLERANCE * target
+        nearest = closest(cost.ravel(), target, f"one expert of rank 1 on each of the {len(names)} target modules")
+        i, j = np.unravel_index(np.argmin(np.where(inside, skew, np.inf)) if inside.any() else nearest, cost.shape)
+        counts, rank_of = count_options[i][0], rank_options[j][0]
+        modules = build(counts, rank_of)
         warn_if_missed(target, plan_cost(modules, dims))
-    scores = {"experts_per_layer": [count_digits[depth_group(l, layers, len(count_digits))] for l in range(layers)],
-              "rank_per_layer": [rank_digits[depth_group(l, layers, len(rank_digits))] for l in range(layers)]}
+    scores = {"experts_per_layer": [counts[depth_group(l, layers, len(counts))] for l in range(layers)],
+              "rank_per_layer": [rank_of[depth_group(l, layers, len(rank_of))] for l in range(layers)]}
     options = {"experts": count_digits, "ranks": rank_digits, "top_k": top_k, "top_p": top_p, "max_k": max_k}
     return finish(modules, dims, "hilo", options, target, scores)
