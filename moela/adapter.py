@@ -9,6 +9,7 @@ a router), ``<module>.experts.<i>.lora_A`` (r_i × d_in) and ``<module>.experts.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import CONFIG_NAME, HEAD_NAME, WEIGHTS_NAME, MoelaConfig
-from .io import atomic_dir, recover_dir, umask
+from .io import atomic_dir, fsync_dir, fsync_tree, is_temporary, make_temp_dir, protected, recover_dir, umask
 from .model import inject, moela_layers
 
 
@@ -127,11 +128,37 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.chmod(path, 0o666 & ~umask())
 
 
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, HEAD_NAME)
+
+
 def save_adapter(model: nn.Module, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
-    """Write the adapter folder (module docstring) into ``directory``, atomically: a failure leaves any
-    previous adapter there untouched. ``state``: a gathered full state dict to read the weights from."""
-    with atomic_dir(Path(directory)) as tmp:
+    """Write the adapter files (module docstring) into ``directory``. ``state``: a gathered full state dict to
+    read the weights from.
+
+    A new folder, or one holding only an adapter's files, is replaced whole, atomically: a failure leaves the
+    previous adapter untouched. Into any other folder (a tokenizer or a script beside the adapter, as PEFT users
+    keep them; the current folder) only the adapter's own files are written, each replaced atomically, the
+    weights before the config, and nothing else there is touched.
+    """
+    directory = Path(directory)
+    others = [e for e in directory.iterdir() if e.name not in ADAPTER_FILES and not is_temporary(e)] \
+        if directory.is_dir() else []
+    if not others and protected(directory) is None:
+        with atomic_dir(directory) as tmp:
+            write_adapter(model, tmp, state)
+        return
+    tmp = make_temp_dir(directory / ".adapter")
+    try:
         write_adapter(model, tmp, state)
+        fsync_tree(tmp)
+        for name in (WEIGHTS_NAME, HEAD_NAME, CONFIG_NAME):
+            if (tmp / name).is_file():
+                os.replace(tmp / name, directory / name)
+            elif name == HEAD_NAME:  # an earlier adapter's head, which this one does not have
+                (directory / name).unlink(missing_ok=True)
+        fsync_dir(directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_adapter(directory: str | Path) -> tuple[MoelaConfig, dict[str, torch.Tensor]]:

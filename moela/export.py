@@ -16,8 +16,8 @@ import torch
 from .adapter import load_adapter
 from .base_model import load_model
 from .config import CONFIG_NAME, MoelaConfig
-from .io import atomic_dir, is_temporary
-from .run_folder import inside, mark_owned, owner, protected
+from .io import atomic_dir, inside, is_temporary, protected
+from .run_folder import mark_owned, owner
 
 
 def check_exportable(config: MoelaConfig, source: str) -> None:

@@ -60,6 +60,27 @@ def atomic_file(path: Path) -> Iterator[str]:
         raise
 
 
+def protected(folder: Path) -> str | None:
+    """Why ``folder`` must never be deleted whatever its marker says (the current folder, one of its
+    parents, the home folder or the root), or None."""
+    here, target = Path.cwd().resolve(), Path(folder).resolve()
+    if target == here:
+        return "it is the current folder"
+    if target in here.parents:
+        return "it is a parent of the current folder"
+    if target == Path.home().resolve():
+        return "it is the home folder"
+    if target == Path(target.anchor):
+        return "it is the root folder"
+    return None
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (symbolic links resolved)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
 def unwritable(path: Path) -> str | None:
     """Why ``path`` cannot be created (its nearest existing folder is a file, or not writable), or None."""
     start = Path(path).absolute()

@@ -36,8 +36,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .io import atomic_dir, atomic_file, atomic_write_text
-from .run_folder import inside, mark_owned, owner, protected
+from .io import atomic_dir, atomic_file, atomic_write_text, inside, protected
+from .run_folder import mark_owned, owner
 
 COMMONSENSE = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
 LLM_ADAPTERS_DIR = Path("data/llm-adapters")

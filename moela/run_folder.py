@@ -29,7 +29,7 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from .io import OLD_SUFFIX, TMP_SUFFIX, atomic_write_text, recover, unwritable
+from .io import OLD_SUFFIX, TMP_SUFFIX, atomic_write_text, inside, is_temporary, protected, recover, unwritable
 from .settings import Settings
 from .version import __version__
 
@@ -69,26 +69,6 @@ def owner(folder: Path) -> str | None:
     return None
 
 
-def protected(folder: Path) -> str | None:
-    """Why ``folder`` must never be deleted whatever its marker says (the current folder, one of its
-    parents, the home folder or the root), or None."""
-    here, target = Path.cwd().resolve(), Path(folder).resolve()
-    if target == here:
-        return "it is the current folder"
-    if target in here.parents:
-        return "it is a parent of the current folder"
-    if target == Path.home().resolve():
-        return "it is the home folder"
-    if target == Path(target.anchor):
-        return "it is the root folder"
-    return None
-
-
-def inside(path: Path, folder: Path) -> bool:
-    path, folder = Path(path).resolve(), Path(folder).resolve()
-    return path == folder or folder in path.parents
-
-
 def local_inputs(settings: Settings | None) -> list[Path]:
     """The local files and folders a run reads (model, data, plan), as far as the settings name them."""
     if settings is None:
@@ -104,6 +84,12 @@ def _entries(folder: Path) -> list[Path]:
     return [e for e in folder.iterdir() if e.name != LOCK] if folder.is_dir() else []
 
 
+# What moela writes inside two of them: the adapter's files (moela.adapter.ADAPTER_FILES), and the Trainer's
+# checkpoint-<step> folders with the one being written (.staging).
+WRITTEN_INSIDE = {"adapter": ("adapter_config.json", "adapter_model.safetensors", "head.safetensors"),
+                  "checkpoints": ("checkpoint-", ".staging")}
+
+
 def _written(entry: Path) -> bool:
     """Whether ``entry`` of a run or comparison folder is a file or folder moela writes there (:data:`WRITTEN`),
     or a temporary or replaced copy of one (``.<name>.…tmp``, ``.<name>.old``, :mod:`moela.io`)."""
@@ -112,6 +98,15 @@ def _written(entry: Path) -> bool:
         return True
     return name.startswith(".") and name.endswith((TMP_SUFFIX, OLD_SUFFIX)) and \
         any(name.startswith(f".{own}.") for own in WRITTEN)
+
+
+def _foreign_inside(entry: Path) -> Path | None:
+    """In moela's ``adapter`` or ``checkpoints`` folder, an entry moela does not write there (:data:`WRITTEN_INSIDE`,
+    or a temporary one), or None."""
+    if entry.name not in WRITTEN_INSIDE or not entry.is_dir() or entry.is_symlink():
+        return None
+    return next((inner for inner in sorted(_entries(entry))
+                 if not inner.name.startswith(WRITTEN_INSIDE[entry.name]) and not is_temporary(inner)), None)
 
 
 def foreign(folder: Path, kind: str | None = None) -> Path | None:
@@ -124,6 +119,9 @@ def foreign(folder: Path, kind: str | None = None) -> Path | None:
         return folder
     for entry in entries:
         if _written(entry):
+            inner = _foreign_inside(entry)
+            if inner is not None:
+                return inner
             continue
         runs = entry.is_dir() and not entry.is_symlink() and (
             kind == "compare" or (kind == "seeds" and entry.name.startswith("seed-") and owner(entry) == "run"))

@@ -22,6 +22,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 import transformers
 import yaml
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
@@ -171,11 +172,21 @@ def test_overwrite_refuses_a_run_folder_holding_files_moela_did_not_write(tmp_pa
     config, run = trained
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    (copy / "my_notes.txt").write_text("mine\n")
-    before = snapshot(copy)
-    assert main(["train", str(config), f"output_dir={copy}", "--overwrite"]) == 1
-    assert f"it holds {copy / 'my_notes.txt'}, which moela did not write (move it out first)" in one_line_error(capsys)
-    assert_kept(before, copy)
+    for mine in (copy / "my_notes.txt", copy / "adapter" / "README.md", copy / "checkpoints" / "mine" / "a.txt"):
+        mine.parent.mkdir(exist_ok=True)
+        mine.write_text("mine\n")
+        before = snapshot(copy)
+        assert main(["train", str(config), f"output_dir={copy}", "--overwrite"]) == 1
+        named = mine if mine.parent.name != "mine" else mine.parent
+        assert f"it holds {named}, which moela did not write (move it out first)" in one_line_error(capsys)
+        assert_kept(before, copy)
+        if named.is_dir():
+            shutil.rmtree(named)
+        else:
+            named.unlink()
+    from moela.adapter import ADAPTER_FILES
+
+    assert run_folder.WRITTEN_INSIDE["adapter"] == ADAPTER_FILES
 
 
 def test_overwrite_checks_the_new_data_before_it_deletes_the_finished_run(tmp_path, trained, capsys, no_model_load):
@@ -292,6 +303,28 @@ def test_evaluate_checks_the_adapter_files_before_the_model_loads(tmp_path, trai
     weights.write_bytes(weights.read_bytes()[:50])
     assert main(["evaluate", str(run)]) == 1
     assert str(weights) in one_line_error(capsys)
+
+
+def test_save_pretrained_into_a_folder_of_the_users_writes_only_the_adapter_files(tmp_path, monkeypatch):
+    """PEFT users keep a tokenizer beside the adapter: saving there (or into the current folder) replaces the
+    adapter's own files and nothing else; a folder of only an adapter's files is replaced whole."""
+    from moela import MoelaModel, get_moela_model
+
+    project = user_project(tmp_path / "project")
+    before = snapshot(project)
+    model = get_moela_model(tiny_model("llama"), AllocationPlan.uniform(tiny_model("llama"), ["q_proj"], experts=2,
+                                                                        rank=2))
+    for _ in range(2):
+        model.save_pretrained(project)
+    assert_kept(before, project)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in project.iterdir()}
+    assert not [p for p in project.iterdir() if p.name.startswith(".")]  # no temporary left
+    again = MoelaModel.from_pretrained(tiny_model("llama"), project)
+    for key, value in again.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+    monkeypatch.chdir(project)
+    model.save_pretrained(".")
+    assert_kept(before, project)
 
 
 def test_overwrite_and_resume_exclude_each_other(tmp_path, tiny_lm, capsys, no_model_load):
