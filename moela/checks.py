@@ -18,14 +18,13 @@ import typing
 import warnings
 from collections.abc import Sequence as SequenceABC
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
 from .allocators import allocate, allocator, options_for
 from .allocators.budget import TOLERANCE, parse_budget, parse_pattern, plan_cost, routed, target_dims
 from .base_model import DATA_KINDS, check_local, check_weights, load_model, model_task, read_config
-from .io import read_json, unwritable
 from .plan import AllocationPlan, find_targets
 from .settings import Settings
 
@@ -395,35 +394,3 @@ def check_prepared(settings: Settings, prepared: Any) -> None:
                          "training record (the prompts are longer); raise data.cutoff_len or set "
                          "data.train_on_inputs=true")
 
-
-def check_output_file(path: str | Path, what: str, ours: Callable[[Path], bool]) -> None:
-    """Before any work: a command's ``-o`` file can be written, and is new or a ``what`` that moela wrote
-    (``ours``): moela never replaces a file of the user's."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"-o {path}: is a folder; give a file name")
-    reason = unwritable(path)
-    if reason:
-        raise ValueError(f"-o {path}: {reason}")
-    if path.exists() and not ours(path):
-        raise ValueError(f"-o {path}: the file exists and is not a {what} that moela wrote; refusing to replace it "
-                         "(choose another name, or move it away)")
-
-
-def is_plan_file(path: Path) -> bool:
-    """Whether ``path`` holds an allocation plan (what ``moela allocate -o`` writes)."""
-    try:
-        AllocationPlan.load(path)
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def is_metrics_file(path: Path) -> bool:
-    """Whether ``path`` holds evaluation metrics (what ``moela evaluate -o`` writes: a JSON object with a
-    ``protocol``)."""
-    try:
-        data = read_json(path)
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "protocol" in data

@@ -99,11 +99,11 @@ def cmd_train(ns) -> None:
 
 
 def cmd_allocate(ns) -> None:
-    from . import checks, pipeline
+    from . import pipeline, run_folder
 
     settings = settings_from(ns)
     if ns.output:
-        checks.check_output_file(ns.output, "plan", checks.is_plan_file)
+        run_folder.check_output_file(ns.output, ns.overwrite)
     for plan, model in pipeline.plan_only(settings.updated({"adapter": {"method": settings.methods[0]}}),
                                           meta=ns.dry_run, model_config=ns.model_config):
         print_plan(plan, model)
@@ -113,10 +113,10 @@ def cmd_allocate(ns) -> None:
 
 
 def cmd_evaluate(ns) -> None:
-    from . import checks, pipeline
+    from . import pipeline, run_folder
 
     if ns.output:
-        checks.check_output_file(ns.output, "metrics file", checks.is_metrics_file)
+        run_folder.check_output_file(ns.output, ns.overwrite)
     metrics = pipeline.evaluate_run(ns.run_dir, list(ns.overrides) + list(ns.set or []))
     print(json.dumps(metrics, indent=1))
     if ns.output:
@@ -134,7 +134,7 @@ def cmd_plan_show(ns) -> None:
 
         quiet()
         model, _ = load_model(ns.model, model_task(ns.model), num_labels=2, meta=True)
-    print(show(ns.path, model, ns.plot))
+    print(show(ns.path, model, ns.plot, overwrite=ns.overwrite))
 
 
 def cmd_data(ns) -> None:
@@ -264,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     configured("train", "allocate and train; writes the adapter into the run folder").set_defaults(func=cmd_train)
     p = configured("allocate", "compute the plan only", run_flags=False)
     p.add_argument("-o", "--output", help="write the plan here (JSON)")
+    p.add_argument("--overwrite", action="store_true", help="replace the -o file if it exists")
     p.add_argument("--dry-run", action="store_true", help="meta-device model: no weights read (static allocators)")
     p.add_argument("--model-config", metavar="PATH", help=model_config)
     p.set_defaults(func=cmd_allocate)
@@ -273,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP + " (e.g. data.eval=FILE)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("-o", "--output", help="also write the metrics JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace the -o file if it exists")
     p.set_defaults(func=cmd_evaluate)
     plan = command("plan", "inspect plans", epilog=_epilog("plan")).add_subparsers(dest="plan_command", required=True)
     p = command("show", "print a plan: a plan.json, a run folder (with its parameters per module) or a compare "
@@ -280,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PLAN_OR_FOLDER")
     p.add_argument("--model", help="base model, for per-module parameter counts of a plan file (meta device)")
     p.add_argument("--plot", metavar="PNG", help="write the allocation heatmap here (a compare folder: one per run)")
+    p.add_argument("--overwrite", action="store_true", help="replace the --plot files if they exist")
     p.set_defaults(func=cmd_plan_show, light=True)
     p = command("export", "export an adapter (or a run's) to another format", epilog=_epilog("export"))
     p.add_argument("--to", required=True, choices=["peft"])

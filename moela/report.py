@@ -576,16 +576,28 @@ def _runs_of(folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def show(path: str | Path, model: nn.Module | None = None, plot: str | Path | None = None) -> str:
+def show(path: str | Path, model: nn.Module | None = None, plot: str | Path | None = None,
+         overwrite: bool = False) -> str:
     """What ``moela plan show`` prints: a plan file's table; a run folder's plan with its parameters per module
     (from the adapter's shapes, or ``model``); a compare folder's list of runs. ``plot``: also write the
-    heatmap (a compare folder: one per run, ``<plot>-<method>.png``). ValueError when ``path`` is none of these."""
+    heatmap (a compare folder: one per run, ``<plot>-<method>.png``), each checked first
+    (:func:`moela.run_folder.check_output_file`: an existing file only with ``overwrite``). ValueError when
+    ``path`` is none of these."""
+    if plot:  # (run_folder imports torch, which listing plans does not need)
+        from .run_folder import check_output_file
     path = Path(path)
     if path.is_dir() and not (path / "plan.json").is_file():
         runs = _runs_of(path)
         if not runs:
             raise ValueError(f"{path} is not a plan file, a run folder (with plan.json) or a compare folder "
                              "(with compare.json or run folders inside)")
+        targets = []
+        for row in runs if plot else []:
+            stem = Path(plot)
+            name = row["method"] + (f"-seed{row['seed']}" if row.get("seed") not in (None, "") and
+                                    sum(r["method"] == row["method"] for r in runs) > 1 else "")
+            targets.append(stem.with_name(f"{stem.stem}-{name}{stem.suffix or '.png'}"))
+            check_output_file(targets[-1], overwrite, "--plot")
         width = max(len(r["method"]) for r in runs) + 2
         lines = [f"compare folder {path}: {len(runs)} run(s)", "",
                  f"{'method':<{width}}{'seed':>5}{'trainable':>12}{'active/token':>14}{'accuracy':>10}  run folder"]
@@ -597,10 +609,7 @@ def show(path: str | Path, model: nn.Module | None = None, plot: str | Path | No
                          f"{'' if row.get('active') is None else format(round(row['active']), ','):>14}"
                          f"{'' if accuracy is None else f'{100 * accuracy:.1f}%':>10}  {row['run_dir']}")
             if plot:
-                stem = Path(plot)
-                name = row["method"] + (f"-seed{row['seed']}" if row.get("seed") not in (None, "") and
-                                        sum(r["method"] == row["method"] for r in runs) > 1 else "")
-                target = stem.with_name(f"{stem.stem}-{name}{stem.suffix or '.png'}")
+                target = targets[runs.index(row)]
                 plot_plan(AllocationPlan.load(Path(row["run_dir"]) / "plan.json"), target, kinds=_shared_kinds(runs))
                 lines.append(f"{'':<{width}}heatmap: {target}")
         lines += ["", f"One run's plan: moela plan show {runs[0]['run_dir']}"]
@@ -610,6 +619,8 @@ def show(path: str | Path, model: nn.Module | None = None, plot: str | Path | No
     if not plan_file.is_file():
         raise ValueError(f"{path}: no such plan file or folder")
     plan = AllocationPlan.load(plan_file)
+    if plot:
+        check_output_file(plot, overwrite, "--plot")
     lines = []
     if run_dir is not None:
         metrics_file = run_dir / "metrics.json"

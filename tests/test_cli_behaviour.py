@@ -60,7 +60,7 @@ def test_evaluate_overrides_replace_what_the_run_stored(tmp_path, tiny_lm):
     metrics = tmp_path / "m.json"
 
     def evaluated(*overrides) -> int:
-        assert main(["evaluate", str(run), *overrides, "-o", str(metrics)]) == 0
+        assert main(["evaluate", str(run), *overrides, "-o", str(metrics), "--overwrite"]) == 0
         return json.loads(metrics.read_text())["n"]
 
     assert evaluated() == 3  # the run's own setting

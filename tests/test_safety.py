@@ -222,22 +222,29 @@ def test_overwrite_checks_the_new_data_before_it_deletes_the_finished_run(tmp_pa
 
 
 def test_an_output_file_of_the_users_is_never_replaced(tmp_path, tiny_lm, trained, capsys, no_model_load):
-    """``allocate -o`` and ``evaluate -o`` replace only a plan or metrics file moela wrote, and refuse any other
-    file or a path that cannot be written before the model loads."""
-    config = str(lm_config(tmp_path, tiny_lm))
+    """``allocate -o``, ``evaluate -o`` and ``plan show --plot`` replace an existing file only with
+    ``--overwrite``, never one of a run's own files, and refuse a path that cannot be written, before the model
+    loads."""
+    config, run = str(lm_config(tmp_path, tiny_lm)), trained[1]
     mine = tmp_path / "mine.json"
     mine.write_text('{"my": "notes"}\n')
-    cases = [(["allocate", config, "-o", str(mine)], "the file exists and is not a plan that moela wrote"),
-             (["evaluate", str(trained[1]), "-o", str(mine)], "the file exists and is not a metrics file that moela"),
+    cases = [(["allocate", config, "-o", str(mine)], f"-o {mine}: the file exists; pass --overwrite to replace it"),
+             (["evaluate", str(run), "-o", str(mine)], "the file exists; pass --overwrite"),
+             (["plan", "show", str(run), "--plot", str(mine)], f"--plot {mine}: the file exists; pass --overwrite"),
              (["allocate", config, "-o", str(tmp_path)], "is a folder; give a file name"),
-             (["allocate", config, "-o", str(mine / "plan.json")], f"{mine} is a file, not a folder")]
+             (["allocate", config, "-o", str(mine / "plan.json")], f"{mine} is a file, not a folder"),
+             (["evaluate", str(run), "-o", str(run / "metrics.json"), "--overwrite"],
+              f"it is moela's own file in the run folder {run}"),
+             (["plan", "show", str(run), "--plot", str(run / "adapter" / "x.png")], "it is moela's own file")]
     for args, message in cases:
+        before = snapshot(run)
         assert main(args) == 1
         assert message in one_line_error(capsys)
+        assert_kept(before, run)
     assert mine.read_text() == '{"my": "notes"}\n'
     plan = tmp_path / "plan.json"
-    for _ in range(2):  # moela's own plan is replaced
-        assert main(["allocate", config, "--dry-run", "adapter.method=lora", "-o", str(plan)]) == 0
+    assert main(["allocate", config, "--dry-run", "adapter.method=lora", "-o", str(plan)]) == 0
+    assert main(["allocate", config, "--dry-run", "adapter.method=lora", "-o", str(plan), "--overwrite"]) == 0
 
 
 def test_moela_data_writes_only_into_its_own_folder(tmp_path, shared, capsys):
