@@ -17,7 +17,10 @@ from .adapter import load_adapter
 from .base_model import load_model
 from .config import CONFIG_NAME, MoelaConfig
 from .io import atomic_dir, inside, is_temporary, protected
-from .run_folder import mark_owned, owner
+from .run_folder import MARKER, mark_owned, owner
+
+
+EXPORT_FILES = (MARKER, "adapter_config.json", "adapter_model.safetensors", "README.md")  # what an export writes
 
 
 def check_exportable(config: MoelaConfig, source: str) -> None:
@@ -44,6 +47,10 @@ def check_target(source: Path, adapter_dir: Path, out_dir: Path) -> None:
         reason = f"it is inside the adapter folder {adapter_dir}"
     if reason is None and out_dir.is_dir() and any(out_dir.iterdir()) and owner(out_dir) != "export":
         reason = "it is not empty and moela's export did not create it"
+    other = next((e for e in sorted(out_dir.iterdir()) if e.name not in EXPORT_FILES), None) \
+        if reason is None and out_dir.is_dir() else None
+    if other is not None:
+        reason = f"it holds {other}, which the export did not write (move it out first)"
     if reason:
         raise ValueError(f"refusing to export into {out_dir}: {reason}; choose a new folder")
 

@@ -283,7 +283,7 @@ def compare(settings: Settings, methods: Sequence[str] | None = None, *, overwri
     checks.check_prepared(settings, prepare(settings))
     on_main(run_folder.claim, out, overwrite=overwrite, resume=resume, kind="compare", settings=settings)
     try:
-        on_main(run_folder.start_compare, out, settings, resume=resume)
+        on_main(run_folder.start_compare, out, settings, seeds, resume=resume)
         return _compare(settings, methods, seeds, out, resume)
     finally:
         run_folder.release(out)

@@ -15,9 +15,10 @@ Two layouts, both relative to the folder you run ``moela`` from:
 (A) … (B) …\\n", ``output`` = "Answer: The answer is X.", ``answer`` = X) as a ``datasets.save_to_disk`` folder
 with the splits train, validation and test, and ``MANIFEST.json``.
 
-The output folder is moela's: it carries the marker of :mod:`moela.run_folder` (kind ``data``), every file is
-written atomically, and a folder that is not empty and was not made by ``moela data`` is refused, as are the
-current folder, its parents and a folder holding the source (:func:`check_out`).
+The output folder is moela's: it carries the marker of :mod:`moela.run_folder` (kind ``data-<dataset>``), every
+file is written atomically, and a folder that is not empty and was not made by ``moela data`` for the same
+dataset is refused, as are the current folder, its parents, a folder holding the source and a ScienceQA folder
+(replaced whole) holding anything else (:func:`check_out`).
 
 Sources: a local folder (``--source DIR``, offline), or the Hugging Face hub (``datasets``) otherwise. A local
 LLM-Adapters folder is the repository's ``dataset/`` folder (``<task>/{train,test}.json``, optionally
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .io import atomic_dir, atomic_file, atomic_write_text, inside, protected
-from .run_folder import mark_owned, owner
+from .run_folder import MARKER, mark_owned, owner
 
 COMMONSENSE = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
 LLM_ADAPTERS_DIR = Path("data/llm-adapters")
@@ -124,16 +125,21 @@ def _copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, tmp)
 
 
-def check_out(out: Path, source: str | Path | None) -> None:
-    """Refuse to write into ``out`` unless it is new, empty or made by ``moela data``, and not the current folder,
-    a parent of it or a folder holding ``source``; refuse a ``source`` that is no folder."""
+def check_out(out: Path, source: str | Path | None, kind: str, replaced: Iterable[str] = ()) -> None:
+    """Refuse to write into ``out`` unless it is new, empty or made by ``moela data`` for the same dataset
+    (marker ``kind``), and not the current folder, a parent of it or a folder holding ``source``; a folder that
+    is replaced whole must hold nothing but the ``replaced`` entries. Refuse a ``source`` that is no folder."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; give a folder with --out")
     reason = protected(out)
     if reason is None and source is not None and inside(Path(source), out):
         reason = f"it holds the source {source}"
-    if reason is None and out.is_dir() and any(out.iterdir()) and owner(out) != "data":
-        reason = "it is not empty and `moela data` did not create it"
+    if reason is None and out.is_dir() and any(out.iterdir()) and owner(out) != kind:
+        reason = f"it is not empty and `moela data {kind.removeprefix('data-')}` did not create it"
+    other = next((e for e in sorted(out.iterdir()) if e.name not in {MARKER, *replaced}), None) \
+        if reason is None and replaced and out.is_dir() else None
+    if other is not None:
+        reason = f"it holds {other}, which `moela data` did not write (move it out first)"
     if reason:
         raise ValueError(f"refusing to write the data into {out}: {reason}; choose another --out")
     if source is not None and not Path(source).is_dir():
@@ -153,14 +159,14 @@ def llm_adapters(out: str | Path = LLM_ADAPTERS_DIR, source: str | Path | None =
     ``dataset/`` folder) or, without one, from the hub; return the manifest. A task the source lacks is listed
     under ``missing`` and skipped, never faked."""
     out, tasks = Path(out), list(tasks)
-    check_out(out, source)
+    check_out(out, source, "data-llm-adapters")
     if source is not None and not any((Path(source) / task / f"{split}.json").is_file()
                                       for task in tasks for split in ("train", "test")):
         raise ValueError(f"--source {source} holds none of the tasks' files (<task>/train.json or test.json for "
                          f"{', '.join(tasks)})")
     out.mkdir(parents=True, exist_ok=True)
-    if owner(out) != "data":
-        mark_owned(out, "data")
+    if owner(out) is None:
+        mark_owned(out, "data-llm-adapters")
     manifest: dict[str, Any] = {"source": str(source) if source else "huggingface hub", "files": {}, "missing": {}}
     train_files = []
     for task in tasks:
@@ -236,7 +242,7 @@ def scienceqa(out: str | Path = SCIENCEQA_DIR, source: str | Path | None = None,
 
     datasets.disable_progress_bars()
     out = Path(out)
-    check_out(out, source)
+    check_out(out, source, "data-scienceqa", ("dataset_dict.json", "MANIFEST.json", *SCIENCEQA_SPLITS))
     source = Path(source) if source is not None else None
     splits: dict[str, list[dict]] = {}
     if source is not None and (source / "dataset_dict.json").is_file():
@@ -267,7 +273,7 @@ def scienceqa(out: str | Path = SCIENCEQA_DIR, source: str | Path | None = None,
     manifest = {"source": origin, "splits": {s: len(rows) for s, rows in splits.items()}}
     with atomic_dir(out) as tmp:
         datasets.DatasetDict({s: datasets.Dataset.from_list(rows) for s, rows in splits.items()}).save_to_disk(str(tmp))
-        mark_owned(tmp, "data")
+        mark_owned(tmp, "data-scienceqa")
         _write_json(tmp / "MANIFEST.json", manifest)
     for s, rows in splits.items():
         log(f"  {out} [{s}]: {len(rows):,} rows")

@@ -184,6 +184,22 @@ def lock(folder: Path) -> None:
     _HELD[key] = fd
 
 
+def _busy_run(folder: Path) -> Path | None:
+    """A comparison's run folder in ``folder`` (``<method>`` or ``<method>/seed-<s>``) whose lock another process
+    holds, or None."""
+    for run in sorted([*folder.glob("*/"), *folder.glob("*/seed-*/")]):
+        if not (run / LOCK).is_file() or str(run.resolve()) in _HELD:
+            continue
+        fd = os.open(run / LOCK, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return run
+        finally:
+            os.close(fd)  # releases the lock if it was taken
+    return None
+
+
 def release(folder: Path) -> None:
     """Release the lock of ``folder`` if this process holds it (a no-op otherwise)."""
     fd = _HELD.pop(str(Path(folder).resolve()), None)
@@ -224,6 +240,8 @@ def check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool, kind: str = "
             reason = f"it holds {held[0]}, which this {what} reads"
         if reason is None and (other := foreign(run_dir)) is not None:
             reason = f"it holds {other}, which moela did not write (move it out first)"
+        if reason is None and (busy := _busy_run(run_dir)) is not None:
+            reason = f"its run {busy} is in use by another moela process"
         if reason:
             raise Refused(f"refusing to delete {run_dir} for --overwrite: {reason}; choose another output_dir")
         return
@@ -404,11 +422,12 @@ def record_plan(run_dir: Path) -> None:
         write_json(run_dir / RECORD, {**record, "plan": digest})
 
 
-def start_compare(out: Path, settings: Settings, *, resume: bool = False) -> None:
-    """The comparison's record (its settings, with the methods and budget, and its data files); with
-    ``resume``, refuse any difference."""
+def start_compare(out: Path, settings: Settings, seeds: Sequence[int], *, resume: bool = False) -> None:
+    """The comparison's record (its settings, with the methods and budget, its ``seeds`` and its data files);
+    with ``resume``, refuse any difference."""
     out = Path(out)
     record = make_record(settings, sources_fingerprint(settings))
+    record["settings"]["seeds"] = list(seeds)
     if resume and read_record(out) is not None:
         check_resume(out, record, "comparison")
     else:

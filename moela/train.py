@@ -34,7 +34,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from .adapter import copy_adapter, save_adapter
 from .data import Collator
 from .distributed import process_state
-from .io import fsync_tree, replace_dir
+from .io import atomic_file, fsync_tree, replace_dir
 from .model import moela_layers
 from .settings import TrainSettings
 
@@ -126,7 +126,8 @@ class MoelaTrainer(transformers.Trainer):
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
             save_adapter(self.accelerator.unwrap_model(self.model), Path(output_dir) / "adapter", state_dict or None)
-            torch.save(self.args, os.path.join(output_dir, transformers.trainer.TRAINING_ARGS_NAME))
+            with atomic_file(Path(output_dir) / transformers.trainer.TRAINING_ARGS_NAME) as tmp:
+                torch.save(self.args, tmp)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """The Trainer's, except that under FSDP only the optimizer and scheduler are written: the Trainer would

@@ -255,7 +255,7 @@ def test_moela_data_writes_only_into_its_own_folder(tmp_path, shared, capsys):
     before = snapshot(project)
     out = tmp_path / "out"
     for args, message in (
-            (["--source", source, "--out", str(project)], "it is not empty and `moela data` did not create it"),
+            (["--source", source, "--out", str(project)], "it is not empty and `moela data llm-adapters` did not"),
             (["--source", str(tmp_path / "nowhere"), "--out", str(out)], "no such folder"),
             (["--source", source, "--out", str(out), "--tasks", "nosuchtask"], "holds none of the tasks' files")):
         assert main(["data", "llm-adapters", *args]) == 1
@@ -264,11 +264,19 @@ def test_moela_data_writes_only_into_its_own_folder(tmp_path, shared, capsys):
     assert not out.exists()
     for _ in range(2):  # its own folder is written again
         assert main(["data", "llm-adapters", "--source", source, "--out", str(out), "--tasks", "boolq"]) == 0
-    assert run_folder.owner(out) == "data" and len(json.loads((out / "boolq" / "test.json").read_text())) == 3270
-    assert main(["data", "scienceqa", "--source", str(shared / "data" / "scienceqa-sample"), "--out",
-                 str(project)]) == 1
-    assert "did not create it" in one_line_error(capsys)
+    assert run_folder.owner(out) == "data-llm-adapters"
+    assert len(json.loads((out / "boolq" / "test.json").read_text())) == 3270
+    sample = str(shared / "data" / "scienceqa-sample")
+    for folder in (project, out):  # ScienceQA replaces its folder whole: never the user's or the other layout
+        assert main(["data", "scienceqa", "--source", sample, "--out", str(folder)]) == 1
+        assert "`moela data scienceqa` did not create it" in one_line_error(capsys)
     assert_kept(before, project)
+    science = tmp_path / "science"
+    for _ in range(2):
+        assert main(["data", "scienceqa", "--source", sample, "--out", str(science)]) == 0
+    (science / "mine.txt").write_text("mine\n")
+    assert main(["data", "scienceqa", "--source", sample, "--out", str(science)]) == 1
+    assert f"it holds {science / 'mine.txt'}, which `moela data` did not write" in one_line_error(capsys)
 
 
 def test_refusals_name_the_file_option_or_key_at_fault(tmp_path, tiny_lm, capsys, no_model_load):
@@ -370,6 +378,9 @@ def test_export_replaces_only_its_own_earlier_export(tmp_path, trained, capsys, 
     assert snapshot(tmp_path / "peft").keys() == first.keys()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".peft")]  # no temporary or old folder left
     assert_kept(before, tmp_path)
+    (tmp_path / "peft" / "notes.md").write_text("mine\n")  # a file of the user's in moela's export
+    assert main(["export", "--to", "peft", str(run), str(tmp_path / "peft")]) == 1
+    assert f"it holds {tmp_path / 'peft' / 'notes.md'}, which the export did not write" in one_line_error(capsys)
 
 
 # --- paths: a run name is one folder name -----------------------------------------------------------------------
@@ -428,13 +439,13 @@ def test_resume_with_the_same_settings_continues(tmp_path, tiny_lm):
     assert run_folder.is_finished(run) and json.loads((run / "run.json").read_text())["plan"]
 
 
-def test_compare_resume_refuses_a_changed_budget(tmp_path, tiny_lm, capsys, no_model_load):
+def test_compare_resume_refuses_a_changed_budget_methods_or_seeds(tmp_path, tiny_lm, capsys, no_model_load):
     config = lm_config(tmp_path, tiny_lm)
     settings = load_settings(config, ["adapter.method=[lora, uniform]", "adapter.budget=uniform:E=4,r=4"])
     out = Path(settings.output_dir)
     run_folder.claim(out, kind="compare", settings=settings)  # an interrupted comparison at budget E=4, r=4
     try:
-        run_folder.start_compare(out, settings)
+        run_folder.start_compare(out, settings, [settings.train.seed])
     finally:
         run_folder.release(out)
     before = snapshot(out)
@@ -444,6 +455,9 @@ def test_compare_resume_refuses_a_changed_budget(tmp_path, tiny_lm, capsys, no_m
     assert '"uniform:E=4,r=4" -> "uniform:E=2,r=2"' in err
     assert main(["compare", str(config), "--methods", "lora,hilo", "adapter.budget=uniform:E=4,r=4", "--resume"]) == 1
     assert 'adapter.method ["lora", "uniform"] -> ["lora", "hilo"]' in one_line_error(capsys)
+    assert main(["compare", str(config), "--methods", "lora,uniform", "adapter.budget=uniform:E=4,r=4", "--seeds",
+                 "0,1", "--resume"]) == 1
+    assert "seeds [0] -> [0, 1]" in one_line_error(capsys)
     assert_kept(before, out)
 
 
@@ -470,6 +484,26 @@ def test_a_second_process_is_kept_out_of_a_run_folder(tmp_path, trained, capsys,
         holder.kill()
         holder.wait()
     assert_kept(before, run)
+
+
+def test_overwrite_of_a_comparison_is_refused_while_one_of_its_runs_is_in_use(tmp_path, trained, capsys,
+                                                                              no_model_load):
+    config, run = trained
+    compared = tmp_path / "compared"
+    compared.mkdir()
+    run_folder.mark_owned(compared, "compare")
+    shutil.copytree(run, compared / "lora" / "seed-1")
+    before = snapshot(compared)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(compared / "lora" / "seed-1" / run_folder.LOCK)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["compare", str(config), "--methods", "lora,uniform", f"output_dir={compared}", "--overwrite"]) == 1
+        assert f"its run {compared / 'lora' / 'seed-1'} is in use by another moela process" in one_line_error(capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_kept(before, compared)
 
 
 # --- validation before work: one line naming key, value and what is allowed; no model loaded, no folder made -----
