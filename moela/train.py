@@ -28,8 +28,8 @@ import transformers
 from accelerate.utils import save_fsdp_optimizer
 from torch import nn
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint, rotate_checkpoints
 
 from .adapter import copy_adapter, save_adapter
 from .data import Collator
@@ -140,12 +140,19 @@ class MoelaTrainer(transformers.Trainer):
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, transformers.trainer.SCHEDULER_NAME))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """The Trainer's; under FSDP a checkpoint's adapter is loaded before FSDP shards the model (the Trainer
-        loads it after, into parameters that are then shards)."""
-        if resume_from_checkpoint and self.is_fsdp_enabled:
-            path = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else \
-                resume_from_checkpoint
-            if path:
+        """The Trainer's, resuming as an uninterrupted run would end: from a checkpoint that already holds the last
+        step, nothing more is trained (transformers 5 would take one more step), and under FSDP the checkpoint's
+        adapter is loaded before FSDP shards the model (the Trainer loads it after, into parameters that are then
+        shards)."""
+        path = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else \
+            resume_from_checkpoint
+        if path:
+            state = TrainerState.load_from_json(os.path.join(path, transformers.trainer.TRAINER_STATE_NAME))
+            if 0 < state.max_steps <= state.global_step:
+                self._load_from_checkpoint(path)
+                self.state = state
+                return TrainOutput(state.global_step, float("nan"), {})
+            if self.is_fsdp_enabled:
                 self._load_from_checkpoint(path)
                 self._adapter_loaded = True
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)

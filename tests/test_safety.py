@@ -439,6 +439,22 @@ def test_resume_with_the_same_settings_continues(tmp_path, tiny_lm):
     assert run_folder.is_finished(run) and json.loads((run / "run.json").read_text())["plan"]
 
 
+def test_resume_from_the_last_steps_checkpoint_trains_nothing_more(tmp_path, tiny_lm):
+    """A run killed after its checkpoint at the last step ends, resumed, with the uninterrupted run's adapter
+    (transformers 5 would take one more step)."""
+    config = lm_config(tmp_path, tiny_lm, train={"max_steps": 2, "save_steps": 2, "progress": False})
+    assert main(["train", str(config)]) == 0
+    run = tmp_path / "run"
+    finished = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    (run / run_folder.FINISHED).unlink()
+    shutil.rmtree(run / "adapter")
+    assert main(["train", str(config), "--resume"]) == 0
+    assert json.loads((run / "train_log.json").read_text())["global_step"] == 2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2"]
+    resumed = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(resumed[key], value) for key, value in finished.items())
+
+
 def test_compare_resume_refuses_a_changed_budget_methods_or_seeds(tmp_path, tiny_lm, capsys, no_model_load):
     config = lm_config(tmp_path, tiny_lm)
     settings = load_settings(config, ["adapter.method=[lora, uniform]", "adapter.budget=uniform:E=4,r=4"])
