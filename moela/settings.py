@@ -251,6 +251,19 @@ def _check_range(value: float, meta: dict, key: str) -> None:
 
 
 # --- files and overrides ---------------------------------------------------------------------------------------
+class _Patch(dict):
+    """An override's value below a setting (``adapter.options.uniform.rank=8``): merged into that setting's
+    mapping (:func:`_patched`) instead of replacing it."""
+
+
+def _patched(base: Any, patch: dict) -> dict:
+    """``base`` (a mapping, else nothing) with ``patch``'s keys set, recursively where ``patch`` nests patches."""
+    out = copy.deepcopy(base) if isinstance(base, dict) else {}
+    for key, value in patch.items():
+        out[key] = _patched(out.get(key), value) if isinstance(value, _Patch) else value
+    return out
+
+
 def merge(base: dict, override: dict, where: str = "") -> dict:
     """``base`` updated by ``override``; a key that ``base`` lacks is a ValueError naming it."""
     out = copy.deepcopy(base)
@@ -263,13 +276,14 @@ def merge(base: dict, override: dict, where: str = "") -> dict:
                 raise ValueError(f"config key {path!r} must be a mapping")
             out[key] = merge(base[key], value, path + ".")
         else:
-            out[key] = value
+            out[key] = _patched(base[key], value) if isinstance(value, _Patch) else value
     return out
 
 
 def parse_override(text: str) -> dict:
-    """``"a.b=value"`` → ``{"a": {"b": value}}`` with the value parsed as YAML; ValueError naming the
-    override if it is not of that form or its value is not YAML."""
+    """``"a.b=value"`` → ``{"a": {"b": value}}`` with the value parsed as YAML; keys below a setting
+    (``adapter.options.uniform.rank=8``, ``data.train.limit=64``) change that key of the setting's mapping and keep
+    the rest. ValueError naming the override if it is not of that form or its value is not YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip() or any(not part.strip() for part in key.split(".")):
         raise ValueError(f"override {text!r} is not of the form key=value (e.g. train.epochs=2)")
@@ -279,8 +293,9 @@ def parse_override(text: str) -> dict:
         raise ValueError(f"override {text!r}: the value is not valid YAML ({' '.join(str(err).split())})") from None
     except RecursionError:
         raise ValueError(f"override {text[:40]!r}: the value is nested too deeply") from None
-    for part in reversed(key.strip().split(".")):
-        value = {part: value}
+    parts = key.strip().split(".")
+    for depth in reversed(range(len(parts))):  # below a setting (depth >= 2) the keys patch its mapping
+        value = (_Patch if depth >= 2 else dict)({parts[depth]: value})
     return value
 
 
