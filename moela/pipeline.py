@@ -148,12 +148,14 @@ def make_plan(settings: Settings, model: nn.Module, prepared: Prepared | None, m
 
 
 def check_methods(settings: Settings, evaluate: bool = True, data: bool = True,
-                  model_config: str | Path | None = None) -> None:
+                  model_config: str | Path | None = None, training: bool = True) -> None:
     """Before any work: every setting and allocator option, the model's config, the evaluation protocol, a
-    trial allocation on the meta device (:func:`moela.checks.preflight`) and ``train.trainer_args``."""
+    trial allocation on the meta device (:func:`moela.checks.preflight`), ``train.trainer_args`` and, for a
+    command that trains, the ``train.report_to`` trackers."""
     checks.preflight(settings, evaluate=evaluate, data=data, model_config=model_config)
     check_trainer_args(settings.train.trainer_args)
-    check_report_to(settings.train.report_to)
+    if training:
+        check_report_to(settings.train.report_to)
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
@@ -333,7 +335,8 @@ def plan_only(settings: Settings, *, meta: bool = False,
     (no weights or data read; allocators that need them are refused) from its config (``model_config``: a
     local config.json or folder to read it from instead of the model's own, for hub models offline)."""
     out = []
-    check_methods(settings, evaluate=False, data=False, model_config=model_config)  # data: data-driven methods only
+    check_methods(settings, evaluate=False, data=False, model_config=model_config,  # data: data-driven methods only
+                  training=False)
     for method in settings.methods:
         if meta:
             if allocator(method).needs_weights:

@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -84,10 +85,11 @@ def _entries(folder: Path) -> list[Path]:
     return [e for e in folder.iterdir() if e.name != LOCK] if folder.is_dir() else []
 
 
-# What moela writes inside two of them: the adapter's files (moela.adapter.ADAPTER_FILES), and the Trainer's
-# checkpoint-<step> folders with the one being written (.staging).
+# What moela writes inside two of them: the adapter's files (moela.adapter.ADAPTER_FILES); the Trainer's
+# checkpoint-<step> folders (one being written: .staging; one being replaced: .checkpoint-<step>.old) and the
+# logs of its trackers (TensorBoard's runs/, codecarbon's emissions.csv).
 WRITTEN_INSIDE = {"adapter": ("adapter_config.json", "adapter_model.safetensors", "head.safetensors"),
-                  "checkpoints": ("checkpoint-", ".staging")}
+                  "checkpoints": (r"checkpoint-\d+", r"\.checkpoint-\d+\.old", r"\.staging", "runs", r"emissions\.csv")}
 
 
 def _written(entry: Path) -> bool:
@@ -105,26 +107,28 @@ def _foreign_inside(entry: Path) -> Path | None:
     or a temporary one), or None."""
     if entry.name not in WRITTEN_INSIDE or not entry.is_dir() or entry.is_symlink():
         return None
+    names = re.compile("|".join(WRITTEN_INSIDE[entry.name]))
     return next((inner for inner in sorted(_entries(entry))
-                 if not inner.name.startswith(WRITTEN_INSIDE[entry.name]) and not is_temporary(inner)), None)
+                 if not names.fullmatch(inner.name) and not is_temporary(inner)), None)
 
 
 def foreign(folder: Path, kind: str | None = None) -> Path | None:
     """A file or folder under ``folder`` that moela did not write, or None. ``kind`` (default: the folder's
-    marker): ``run``; ``compare``, whose folders are its methods' run folders, or folders of ``seed-<s>`` run
-    folders (``seeds``), searched in turn."""
+    marker): ``run``; ``compare``, whose folders are its methods' run folders, or folders holding only
+    ``seed-<s>`` run folders (``seeds``), searched in turn."""
     kind = kind or owner(folder)
     entries = sorted(_entries(folder))
     if kind == "seeds" and not entries:
         return folder
     for entry in entries:
-        if _written(entry):
+        if kind != "seeds" and _written(entry):
             inner = _foreign_inside(entry)
             if inner is not None:
                 return inner
             continue
         runs = entry.is_dir() and not entry.is_symlink() and (
-            kind == "compare" or (kind == "seeds" and entry.name.startswith("seed-") and owner(entry) == "run"))
+            (kind == "compare" and owner(entry) in ("run", None))
+            or (kind == "seeds" and entry.name.startswith("seed-") and owner(entry) == "run"))
         if not runs:
             return entry
         inner = foreign(entry, "run" if owner(entry) == "run" else "seeds")
@@ -155,9 +159,9 @@ def check_output_file(path: str | Path, overwrite: bool = False, option: str = "
         raise ValueError(f"{option} {path}: {reason}")
     for folder in path.absolute().parents:
         kind = owner(folder)
-        if kind is not None and path.absolute().relative_to(folder).parts[0] in WRITTEN:
-            raise ValueError(f"{option} {path}: it is moela's own file in the {kind} folder {folder}; choose "
-                             "another name")
+        if kind is not None and (kind not in RUN_KINDS or path.absolute().relative_to(folder).parts[0] in WRITTEN):
+            raise ValueError(f"{option} {path}: it is moela's own file in the {kind} folder {folder} (or would be "
+                             "replaced with it); choose another path")
     if path.exists() and not overwrite:
         raise ValueError(f"{option} {path}: the file exists; pass --overwrite to replace it")
 
@@ -190,7 +194,10 @@ def _busy_run(folder: Path) -> Path | None:
     for run in sorted([*folder.glob("*/"), *folder.glob("*/seed-*/")]):
         if not (run / LOCK).is_file() or str(run.resolve()) in _HELD:
             continue
-        fd = os.open(run / LOCK, os.O_RDWR)
+        try:
+            fd = os.open(run / LOCK, os.O_RDONLY)
+        except OSError:
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -427,7 +434,8 @@ def start_compare(out: Path, settings: Settings, seeds: Sequence[int], *, resume
     with ``resume``, refuse any difference."""
     out = Path(out)
     record = make_record(settings, sources_fingerprint(settings))
-    record["settings"]["seeds"] = list(seeds)
+    if list(seeds) != [settings.train.seed]:  # (one seed, train.seed: recorded as such, as before --seeds was)
+        record["settings"]["seeds"] = list(seeds)
     if resume and read_record(out) is not None:
         check_resume(out, record, "comparison")
     else:

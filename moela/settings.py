@@ -113,7 +113,7 @@ class TrainSettings:
     report_to: Any = setting("none", "trackers the Trainer logs to: none, all, tensorboard, wandb, mlflow, … "
                                      "(a name or a list; the tracker's package must be installed)")
     trainer_args: dict = setting({}, "any other transformers TrainingArguments field, e.g. {max_grad_norm: 0.5, "
-                                     "logging_dir: tb}; checked against TrainingArguments before any work")
+                                     "optim: adafactor}; checked against TrainingArguments before any work")
 
 
 @dataclass

@@ -141,14 +141,14 @@ class MoelaTrainer(transformers.Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """The Trainer's, resuming as an uninterrupted run would end: from a checkpoint that already holds the last
-        step, nothing more is trained (transformers 5 would take one more step), and under FSDP the checkpoint's
-        adapter is loaded before FSDP shards the model (the Trainer loads it after, into parameters that are then
-        shards)."""
+        step, nothing more is trained (transformers 5 would take one more step; not under FSDP or DeepSpeed, whose
+        engines the Trainer's saving needs), and under FSDP the checkpoint's adapter is loaded before FSDP shards
+        the model (the Trainer loads it after, into parameters that are then shards)."""
         path = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else \
             resume_from_checkpoint
         if path:
             state = TrainerState.load_from_json(os.path.join(path, transformers.trainer.TRAINER_STATE_NAME))
-            if 0 < state.max_steps <= state.global_step:
+            if 0 < state.max_steps <= state.global_step and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
                 self._load_from_checkpoint(path)
                 self.state = state
                 return TrainOutput(state.global_step, float("nan"), {})

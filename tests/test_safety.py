@@ -187,6 +187,10 @@ def test_overwrite_refuses_a_run_folder_holding_files_moela_did_not_write(tmp_pa
     from moela.adapter import ADAPTER_FILES
 
     assert run_folder.WRITTEN_INSIDE["adapter"] == ADAPTER_FILES
+    for trainers in ("runs/Dec07/events.out", ".checkpoint-1.old/x", "emissions.csv"):  # trackers', a replacement's
+        (copy / "checkpoints" / trainers).parent.mkdir(parents=True, exist_ok=True)
+        (copy / "checkpoints" / trainers).write_text("x")
+    run_folder.check_run_dir(copy, overwrite=True, resume=False)
 
 
 def test_overwrite_checks_the_new_data_before_it_deletes_the_finished_run(tmp_path, trained, capsys, no_model_load):
@@ -216,9 +220,20 @@ def test_overwrite_checks_the_new_data_before_it_deletes_the_finished_run(tmp_pa
     assert_kept(before, compared)
     shutil.copytree(run, compared / "uniform" / "seed-1")  # what --seeds writes: still all moela's
     run_folder.check_run_dir(compared, overwrite=True, resume=False, kind="compare")
-    (compared / "uniform" / "seed-1" / "mine.txt").write_text("mine\n")
-    with pytest.raises(run_folder.Refused, match="it holds .*uniform/seed-1/mine.txt, which moela did not write"):
-        run_folder.check_run_dir(compared, overwrite=True, resume=False, kind="compare")
+    for mine in (compared / "uniform" / "seed-1" / "mine.txt", compared / "uniform" / "report.md",
+                 compared / "nested" / run_folder.MARKER):
+        mine.parent.mkdir(exist_ok=True)
+        if mine.name == run_folder.MARKER:  # a comparison inside the comparison: not one of its runs
+            run_folder.mark_owned(mine.parent, "compare")
+        else:
+            mine.write_text("mine\n")
+        named = mine.parent if mine.name == run_folder.MARKER else mine
+        with pytest.raises(run_folder.Refused, match=f"it holds {named}, which moela did not write"):
+            run_folder.check_run_dir(compared, overwrite=True, resume=False, kind="compare")
+        if named.is_dir():
+            shutil.rmtree(named)
+        else:
+            named.unlink()
 
 
 def test_an_output_file_of_the_users_is_never_replaced(tmp_path, tiny_lm, trained, capsys, no_model_load):
@@ -235,7 +250,11 @@ def test_an_output_file_of_the_users_is_never_replaced(tmp_path, tiny_lm, traine
              (["allocate", config, "-o", str(mine / "plan.json")], f"{mine} is a file, not a folder"),
              (["evaluate", str(run), "-o", str(run / "metrics.json"), "--overwrite"],
               f"it is moela's own file in the run folder {run}"),
-             (["plan", "show", str(run), "--plot", str(run / "adapter" / "x.png")], "it is moela's own file")]
+             (["plan", "show", str(run), "--plot", str(run / "adapter" / "x.png")], "it is moela's own file"),
+             (["allocate", config, "-o", str(tmp_path / "data" / "new.json"), "--overwrite"],
+              "it is moela's own file in the data-llm-adapters folder")]
+    (tmp_path / "data").mkdir()
+    run_folder.mark_owned(tmp_path / "data", "data-llm-adapters")
     for args, message in cases:
         before = snapshot(run)
         assert main(args) == 1
@@ -473,7 +492,7 @@ def test_compare_resume_refuses_a_changed_budget_methods_or_seeds(tmp_path, tiny
     assert 'adapter.method ["lora", "uniform"] -> ["lora", "hilo"]' in one_line_error(capsys)
     assert main(["compare", str(config), "--methods", "lora,uniform", "adapter.budget=uniform:E=4,r=4", "--seeds",
                  "0,1", "--resume"]) == 1
-    assert "seeds [0] -> [0, 1]" in one_line_error(capsys)
+    assert "seeds null -> [0, 1]" in one_line_error(capsys)
     assert_kept(before, out)
 
 
@@ -594,6 +613,7 @@ def test_a_tracker_that_is_not_installed_is_refused_before_any_work(tmp_path, ti
     assert main(["run", str(config), "train.report_to=[tensorboard, wandb]"]) == 1
     assert "train.report_to: 'wandb' is not installed here (pip install wandb)" in one_line_error(capsys)
     assert not (tmp_path / "run").exists()
+    assert main(["allocate", str(config), "--dry-run", "train.report_to=[wandb]"]) == 0  # planning trains nothing
 
 
 def numeric_keys() -> list[str]:
