@@ -195,10 +195,11 @@ def evaluate_and_report(model: nn.Module, settings: Settings, prepared: Prepared
 
 
 # --- runs ---------------------------------------------------------------------------------------------------------
-def run(settings: Settings, *, overwrite: bool = False, resume: bool = False,
-        evaluate_after: bool = True) -> dict | None:
+def run(settings: Settings, *, overwrite: bool = False, resume: bool = False, evaluate_after: bool = True,
+        prepared: Prepared | None = None) -> dict | None:
     """allocate → train → (evaluate → report) into ``settings.output_dir``; returns the summary row (None on
-    the processes other than the main one)."""
+    the processes other than the main one). ``prepared``: this run's data when already read (:func:`prepare`
+    of the same data settings and seed), as a comparison passes it to each method."""
     state = process_state()
     main = state.is_main_process
     run_dir = Path(settings.output_dir)
@@ -210,8 +211,9 @@ def run(settings: Settings, *, overwrite: bool = False, resume: bool = False,
     on_main(run_folder.check_run_dir, run_dir, overwrite=overwrite, resume=resume, settings=settings)
     method, seed = settings.methods[0], settings.train.seed
     transformers.set_seed(seed)
-    prepared = prepare(settings)
-    checks.check_prepared(settings, prepared)
+    if prepared is None:
+        prepared = prepare(settings)
+        checks.check_prepared(settings, prepared)
     settings = settings.updated({"model": {"num_labels": prepared.num_labels}})
     on_main(run_folder.claim, run_dir, overwrite=overwrite, resume=resume, settings=settings)
     try:
@@ -282,16 +284,18 @@ def compare(settings: Settings, methods: Sequence[str] | None = None, *, overwri
     out = Path(settings.output_dir)
     # the folder and the data are checked before the folder is claimed (and, with --overwrite, emptied)
     on_main(run_folder.check_run_dir, out, overwrite=overwrite, resume=resume, kind="compare", settings=settings)
-    checks.check_prepared(settings, prepare(settings))
+    prepared = prepare(settings)  # read once: the runs of the first seed use it
+    checks.check_prepared(settings, prepared)
     on_main(run_folder.claim, out, overwrite=overwrite, resume=resume, kind="compare", settings=settings)
     try:
         on_main(run_folder.start_compare, out, settings, seeds, resume=resume)
-        return _compare(settings, methods, seeds, out, resume)
+        return _compare(settings, methods, seeds, out, resume, prepared)
     finally:
         run_folder.release(out)
 
 
-def _compare(settings: Settings, methods: list[str], seeds: list[int], out: Path, resume: bool) -> list[dict]:
+def _compare(settings: Settings, methods: list[str], seeds: list[int], out: Path, resume: bool,
+             prepared: Prepared) -> list[dict]:
     state = process_state()
     budget = settings.adapter.budget
     rows = []
@@ -308,7 +312,7 @@ def _compare(settings: Settings, methods: list[str], seeds: list[int], out: Path
             routing = json.loads((done / "routing.json").read_text())
             rows.append(run_row(method, metrics, routing, metrics["adapter_params"]) | {"run_dir": str(done)})
             continue
-        row = run(sub, resume=resume)
+        row = run(sub, resume=resume, prepared=prepared if seed == settings.train.seed else None)
         if row is None:  # not the main process
             continue
         row["seconds"] = round(time.perf_counter() - started, 1)

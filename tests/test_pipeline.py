@@ -243,3 +243,16 @@ def test_lm_eval_protocol_needs_its_extra():
         pytest.skip("lm-eval is installed; this checks the message shown without it")
     with pytest.raises(ValueError, match=r"pip install 'moela\[eval\]'"):
         lm_eval_harness(torch.nn.Linear(1, 1), None, ["boolq"])
+
+
+def test_a_comparisons_runs_equal_the_same_runs_alone(tmp_path, tiny_lm):
+    """A comparison reads its data once and gives it to the runs of its first seed: each of its adapters equals
+    the one that run trains alone (its data read by itself)."""
+    config = lm_config(tmp_path, tiny_lm, train={"max_steps": 2, "progress": False}, adapter={"dropout": 0.0})
+    budget = "adapter.budget=uniform:E=2,r=2"
+    assert main(["compare", str(config), "--methods", "lora,uniform", budget, f"output_dir={tmp_path / 'cmp'}"]) == 0
+    for method in ("lora", "uniform"):
+        assert main(["train", str(config), f"adapter.method={method}", budget, f"output_dir={tmp_path / method}"]) == 0
+        alone, compared = (load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+                           for folder in (tmp_path / method, tmp_path / "cmp" / method))
+        assert alone.keys() == compared.keys() and all(torch.equal(alone[k], compared[k]) for k in alone), method
