@@ -91,7 +91,8 @@ class AllocationPlan:
 
     def __post_init__(self):
         if not all(isinstance(spec, ModulePlan) for spec in self.modules.values()):  # plain JSON-like entries
-            self.modules = AllocationPlan.from_dict(self.modules).modules
+            entries = {n: spec.to_dict() if isinstance(spec, ModulePlan) else spec for n, spec in self.modules.items()}
+            self.modules = AllocationPlan.from_dict({"modules": entries}).modules
 
     # --- construction and serialisation -----------------------------------------------------------------
     @classmethod

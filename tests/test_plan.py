@@ -97,3 +97,5 @@ def test_a_plan_built_from_plain_entries_is_checked_like_a_loaded_one():
     assert plan.modules["model.layers.0.mlp.up_proj"] == ModulePlan(ranks=[4, 2], top_k=1)
     with pytest.raises(ValueError, match="plan entry 'x': expected an object with 'ranks'"):
         AllocationPlan({"x": {"rank": 2}})
+    mixed = AllocationPlan({"a.0.q": ModulePlan([2]), "modules": {"ranks": [4]}})  # a module may be called so
+    assert mixed.modules == {"a.0.q": ModulePlan([2]), "modules": ModulePlan([4])}
