@@ -8,6 +8,7 @@ adapter folder is read: its config names the base model, task and head.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from .adapter import load_adapter
 from .base_model import load_model
 from .config import CONFIG_NAME, MoelaConfig
-from .io import atomic_dir, inside, is_temporary, protected
+from .io import atomic_dir, inside, is_temporary, protected, umask
 from .run_folder import MARKER, mark_owned, owner
 
 
@@ -117,4 +118,6 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     with atomic_dir(out_dir) as tmp:
         mark_owned(tmp, "export")
         wrapped.save_pretrained(str(tmp))
+        for file in tmp.iterdir():  # safetensors writes its files 0600
+            os.chmod(file, 0o666 & ~umask())
     return out_dir

@@ -85,8 +85,10 @@ def plan_grid(plan: AllocationPlan, kinds: Sequence[str] | None = None
 
 
 def _save_png(fig, path: str | Path) -> Path:
+    """``fig`` saved atomically in the format ``path``'s suffix names (``.pdf``, ``.svg``, …), else PNG."""
+    suffix = Path(path).suffix.lower().lstrip(".")
     with atomic_file(Path(path)) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format=suffix if suffix in fig.canvas.get_supported_filetypes() else "png", dpi=120)
     return Path(path)
 
 

@@ -149,19 +149,18 @@ def _clear(folder: Path) -> None:
 
 def check_output_file(path: str | Path, overwrite: bool = False, option: str = "-o") -> None:
     """Before any work: ``path``, a file a command writes where the user asked (``option``), can be written: it is
-    no folder, its place is writable, it is none of the files moela keeps in a run, comparison, export or data
-    folder, and it is new unless ``overwrite``."""
+    no folder, its place is writable, it is outside the folders moela manages (run, comparison, export, data),
+    and it is new unless ``overwrite``."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{option} {path}: is a folder; give a file name")
     reason = unwritable(path)
     if reason:
         raise ValueError(f"{option} {path}: {reason}")
-    for folder in path.absolute().parents:
-        kind = owner(folder)
-        if kind is not None and (kind not in RUN_KINDS or path.absolute().relative_to(folder).parts[0] in WRITTEN):
-            raise ValueError(f"{option} {path}: it is moela's own file in the {kind} folder {folder} (or would be "
-                             "replaced with it); choose another path")
+    managed = next((folder for folder in path.absolute().parents if owner(folder) is not None), None)
+    if managed is not None:
+        raise ValueError(f"{option} {path}: it is inside the moela {owner(managed)} folder {managed}, whose content "
+                         "moela manages (and --overwrite replaces); write it elsewhere")
     if path.exists() and not overwrite:
         raise ValueError(f"{option} {path}: the file exists; pass --overwrite to replace it")
 

@@ -256,11 +256,15 @@ class _Patch(dict):
     mapping (:func:`_patched`) instead of replacing it."""
 
 
-def _patched(base: Any, patch: dict) -> dict:
-    """``base`` (a mapping, else nothing) with ``patch``'s keys set, recursively where ``patch`` nests patches."""
-    out = copy.deepcopy(base) if isinstance(base, dict) else {}
+def _patched(base: Any, patch: dict, path: str) -> dict:
+    """The setting ``path``'s value ``base`` with ``patch``'s keys set, recursively where ``patch`` nests patches;
+    a string is a data source's path (``data.eval: dev.tsv`` is ``{path: dev.tsv}``), nothing is an empty
+    mapping, and a list cannot be patched (ValueError naming the key)."""
+    if isinstance(base, list):
+        raise ValueError(f"config key {path!r} is a list: give the whole list (e.g. '{path}=[...]')")
+    out = copy.deepcopy(base) if isinstance(base, dict) else {"path": base} if isinstance(base, str) else {}
     for key, value in patch.items():
-        out[key] = _patched(out.get(key), value) if isinstance(value, _Patch) else value
+        out[key] = _patched(out.get(key), value, f"{path}.{key}") if isinstance(value, _Patch) else value
     return out
 
 
@@ -276,7 +280,7 @@ def merge(base: dict, override: dict, where: str = "") -> dict:
                 raise ValueError(f"config key {path!r} must be a mapping")
             out[key] = merge(base[key], value, path + ".")
         else:
-            out[key] = _patched(base[key], value) if isinstance(value, _Patch) else value
+            out[key] = _patched(base[key], value, path) if isinstance(value, _Patch) else value
     return out
 
 

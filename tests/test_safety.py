@@ -238,8 +238,8 @@ def test_overwrite_checks_the_new_data_before_it_deletes_the_finished_run(tmp_pa
 
 def test_an_output_file_of_the_users_is_never_replaced(tmp_path, tiny_lm, trained, capsys, no_model_load):
     """``allocate -o``, ``evaluate -o`` and ``plan show --plot`` replace an existing file only with
-    ``--overwrite``, never one of a run's own files, and refuse a path that cannot be written, before the model
-    loads."""
+    ``--overwrite``, write nothing inside a folder moela manages, and refuse a path that cannot be written, before
+    the model loads."""
     config, run = str(lm_config(tmp_path, tiny_lm)), trained[1]
     mine = tmp_path / "mine.json"
     mine.write_text('{"my": "notes"}\n')
@@ -249,10 +249,10 @@ def test_an_output_file_of_the_users_is_never_replaced(tmp_path, tiny_lm, traine
              (["allocate", config, "-o", str(tmp_path)], "is a folder; give a file name"),
              (["allocate", config, "-o", str(mine / "plan.json")], f"{mine} is a file, not a folder"),
              (["evaluate", str(run), "-o", str(run / "metrics.json"), "--overwrite"],
-              f"it is moela's own file in the run folder {run}"),
-             (["plan", "show", str(run), "--plot", str(run / "adapter" / "x.png")], "it is moela's own file"),
+              f"it is inside the moela run folder {run}"),
+             (["plan", "show", str(run), "--plot", str(run / "x.png")], "it is inside the moela run folder"),
              (["allocate", config, "-o", str(tmp_path / "data" / "new.json"), "--overwrite"],
-              "it is moela's own file in the data-llm-adapters folder")]
+              "it is inside the moela data-llm-adapters folder")]
     (tmp_path / "data").mkdir()
     run_folder.mark_owned(tmp_path / "data", "data-llm-adapters")
     for args, message in cases:
@@ -392,6 +392,8 @@ def test_export_replaces_only_its_own_earlier_export(tmp_path, trained, capsys, 
     # a new folder is created and marked; exporting there again replaces moela's own export
     assert main(["export", "--to", "peft", str(run), str(tmp_path / "peft")]) == 0
     assert run_folder.owner(tmp_path / "peft") == "export"
+    mask = io.umask()
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask for f in (tmp_path / "peft").iterdir())
     first = snapshot(tmp_path / "peft")
     assert main(["export", "--to", "peft", str(run), str(tmp_path / "peft")]) == 0
     assert snapshot(tmp_path / "peft").keys() == first.keys()
@@ -819,12 +821,14 @@ def test_written_files_and_folders_follow_the_umask(tmp_path, tiny_lm, mask):
         with io.atomic_dir(tmp_path / "folder") as tmp:
             (tmp / "f").write_text("x")
         figure = report.plot_plan(AllocationPlan.load(plan), tmp_path / "plan.png")
+        vector = report.plot_plan(AllocationPlan.load(plan), tmp_path / "plan.pdf")
         model = tiny_model("llama")
         save_adapter(inject(model, AllocationPlan.uniform(model, ["q_proj"], experts=1, rank=2)), tmp_path / "a")
     finally:
         os.umask(old)
     for file in (plan, figure, *(tmp_path / "a").iterdir()):  # PNGs and safetensors are written 0600 by default
         assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~mask, file.name
+    assert figure.read_bytes()[:4] == b"\x89PNG" and vector.read_bytes()[:4] == b"%PDF"  # the suffix's format
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o777 & ~mask
 
 
