@@ -308,7 +308,8 @@ def test_refusals_name_the_file_option_or_key_at_fault(tmp_path, tiny_lm, capsys
     cases = [
         (["run", str(broken_yaml)], f"moela: error: {broken_yaml}: line 2, column 4: not valid YAML ("),
         (["run", config, f"model.name_or_path={model}"], f"{model / 'config.json'}: not a model config transformers"),
-        (["run", config, f"output_dir={afile / 'sub'}"], f"output_dir {afile / 'sub'}: {afile} is a file, not a folder"),
+        (["run", config, f"output_dir={afile / 'sub'}"],
+         f"output_dir {afile / 'sub'}: {afile} is a file, not a folder"),
         (["compare", config, "--methods", "lora,uniform", "--seeds", "0,x"], "--seeds '0,x': give integers"),
         (["allocate", config, "--dry-run", "--model-config", str(tmp_path / "nope.json")],
          f"--model-config {tmp_path / 'nope.json'}: cannot read the model's config"),
@@ -318,7 +319,8 @@ def test_refusals_name_the_file_option_or_key_at_fault(tmp_path, tiny_lm, capsys
     ]
     weightless = tmp_path / "weightless"
     shutil.copytree(tiny_lm, weightless, ignore=shutil.ignore_patterns("*.safetensors"))
-    cases.append((["run", config, f"model.name_or_path={weightless}"], f"{weightless}: no model weights in this folder"))
+    cases.append((["run", config, f"model.name_or_path={weightless}"],
+                  f"{weightless}: no model weights in this folder"))
     for args, message in cases:
         assert main(args) == 1
         assert message in one_line_error(capsys), args
