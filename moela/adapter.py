@@ -17,7 +17,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import CONFIG_NAME, HEAD_NAME, WEIGHTS_NAME, MoelaConfig
-from .io import atomic_dir, fsync_dir, fsync_tree, is_temporary, make_temp_dir, protected, recover_dir, umask
+from .errors import first_line
+from .io import (atomic_dir, follow_umask, fsync_dir, fsync_tree, is_temporary, make_temp_dir, protected,
+                 recover_dir)
 from .model import inject, moela_layers
 
 
@@ -84,9 +86,8 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         tensors = load_file(str(path))
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: not a readable safetensors file ({first}); the file is empty, truncated or "
-                         "corrupt") from None
+        raise ValueError(f"{path}: not a readable safetensors file ({first_line(err)}); the file is empty, "
+                         "truncated or corrupt") from None
     for key, value in tensors.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise ValueError(f"{path}: tensor {key!r} holds non-finite values (NaN or infinity); refusing a corrupt "
@@ -125,7 +126,7 @@ def write_adapter(model: nn.Module, directory: Path, state: dict[str, torch.Tens
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """A safetensors file with the permissions ``open`` gives under the umask (safetensors makes it 0600)."""
     save_file(tensors, str(path), metadata={"format": "pt"})
-    os.chmod(path, 0o666 & ~umask())
+    follow_umask(path)
 
 
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, HEAD_NAME)

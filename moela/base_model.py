@@ -11,6 +11,7 @@ import transformers
 from torch import nn
 
 from .config import TASK_TYPES as TASKS
+from .errors import first_line
 
 _AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "sequence_classification": "AutoModelForSequenceClassification",
                  "multiple_choice": "AutoModelForMultipleChoice"}
@@ -60,9 +61,8 @@ def read_config(name_or_path: str, config_file: str | os.PathLike | None = None,
         return transformers.AutoConfig.from_pretrained(name_or_path, local_files_only=True, **extra)
     except (OSError, ValueError) as err:
         if (Path(name_or_path) / "config.json").is_file():
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"{Path(name_or_path) / 'config.json'}: not a model config transformers can read "
-                             f"({reason})") from None
+                             f"({first_line(err)})") from None
         if Path(name_or_path).exists():
             raise ValueError(f"{name_or_path}: no config.json in this model folder") from None
         if not isinstance(err, OSError):

@@ -25,6 +25,7 @@ from torch import nn
 from .allocators import allocate, allocator, options_for
 from .allocators.budget import TOLERANCE, parse_budget, parse_pattern, plan_cost, routed, target_dims
 from .base_model import DATA_KINDS, check_local, check_weights, load_model, model_task, read_config
+from .errors import first_line
 from .plan import AllocationPlan, find_targets
 from .settings import Settings
 
@@ -267,9 +268,8 @@ def read_task(settings: Settings, model_config: str | Path | None = None) -> str
     try:
         return model_task(name, settings.model.task, model_config)
     except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         given = f"--model-config {model_config}" if model_config is not None else f"model.name_or_path={name!r}"
-        raise ValueError(f"{given}: cannot read the model's config ({first})") from None
+        raise ValueError(f"{given}: cannot read the model's config ({first_line(err)})") from None
 
 
 def check_protocol(settings: Settings, task: str) -> None:
@@ -294,8 +294,8 @@ def meta_model(settings: Settings, task: str, model_config: str | Path | None = 
     try:
         return load_model(name, task, num_labels=settings.model.num_labels or 2, meta=True, config_file=model_config)[0]
     except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"model.name_or_path={name!r}: cannot build the model from its config ({first})") from None
+        raise ValueError(f"model.name_or_path={name!r}: cannot build the model from its config "
+                         f"({first_line(err)})") from None
 
 
 def given_plan(settings: Settings, model: nn.Module) -> AllocationPlan:
@@ -373,8 +373,7 @@ def check_teacher(settings: Settings, model: nn.Module) -> None:
     try:
         config = read_config(teacher)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"adapter.teacher={teacher!r}: cannot read its config ({first})") from None
+        raise ValueError(f"adapter.teacher={teacher!r}: cannot read its config ({first_line(err)})") from None
     theirs, ours = getattr(config, "vocab_size", None), getattr(model.config, "vocab_size", None)
     if theirs != ours:
         raise ValueError(f"adapter.teacher={teacher!r} has a vocabulary of {theirs} tokens, the model {ours}: the "
@@ -393,4 +392,3 @@ def check_prepared(settings: Settings, prepared: Any) -> None:
         raise ValueError(f"data.cutoff_len={settings.data.cutoff_len} leaves no response token to learn in any "
                          "training record (the prompts are longer); raise data.cutoff_len or set "
                          "data.train_on_inputs=true")
-

@@ -14,6 +14,8 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from .errors import first_line
+
 if TYPE_CHECKING:  # the commands import the library when they run, so that `--help` and `plan show` are quick
     from .settings import Settings
 
@@ -340,8 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.debug:
             traceback.print_exc()
         else:
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            print(f"moela: error: {message}", file=sys.stderr)
+            print(f"moela: error: {first_line(err)}", file=sys.stderr)
         return 1
     finally:
         if not inherited and "torch.distributed" in sys.modules:  # the command may have started a process group

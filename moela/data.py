@@ -28,6 +28,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from .errors import first_line
 from .io import decode_text, parse_json
 
 TEMPLATES = {
@@ -126,9 +127,8 @@ def read_raw(source: str | Path, split: str | None = None) -> tuple[list[Any], s
     try:
         return list(datasets.load_dataset(str(source), split=split or "train")), "record"
     except Exception as err:  # offline, no such dataset or split, …: one line naming the source
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{source}: no such local file or folder, and the Hugging Face hub did not give it as a "
-                         f"dataset ({reason})") from err
+                         f"dataset ({first_line(err)})") from err
 
 
 def load_records(source: str | Path, kind: str, *, split: str | None = None, task: str | None = None,

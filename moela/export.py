@@ -8,7 +8,6 @@ adapter folder is read: its config names the base model, task and head.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -17,8 +16,8 @@ import torch
 from .adapter import load_adapter
 from .base_model import load_model
 from .config import CONFIG_NAME, MoelaConfig
-from .io import atomic_dir, inside, is_temporary, protected, umask
-from .run_folder import MARKER, mark_owned, owner
+from .io import atomic_dir, follow_umask, inside, is_temporary, protected
+from .run_folder import MARKER, mark_owned, owner, stray
 
 
 EXPORT_FILES = (MARKER, "adapter_config.json", "adapter_model.safetensors", "README.md")  # what an export writes
@@ -48,8 +47,7 @@ def check_target(source: Path, adapter_dir: Path, out_dir: Path) -> None:
         reason = f"it is inside the adapter folder {adapter_dir}"
     if reason is None and out_dir.is_dir() and any(out_dir.iterdir()) and owner(out_dir) != "export":
         reason = "it is not empty and moela's export did not create it"
-    other = next((e for e in sorted(out_dir.iterdir()) if e.name not in EXPORT_FILES), None) \
-        if reason is None and out_dir.is_dir() else None
+    other = stray(out_dir, EXPORT_FILES) if reason is None else None
     if other is not None:
         reason = f"it holds {other}, which the export did not write (move it out first)"
     if reason:
@@ -118,6 +116,6 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     with atomic_dir(out_dir) as tmp:
         mark_owned(tmp, "export")
         wrapped.save_pretrained(str(tmp))
-        for file in tmp.iterdir():  # safetensors writes its files 0600
-            os.chmod(file, 0o666 & ~umask())
+        for file in tmp.iterdir():
+            follow_umask(file)
     return out_dir

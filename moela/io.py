@@ -60,6 +60,11 @@ def atomic_file(path: Path) -> Iterator[str]:
         raise
 
 
+def follow_umask(path: Path) -> None:
+    """Give the file ``path`` the permissions ``open`` would under the umask (safetensors writes 0600)."""
+    os.chmod(path, 0o666 & ~umask())
+
+
 def protected(folder: Path) -> str | None:
     """Why ``folder`` must never be deleted whatever its marker says (the current folder, one of its
     parents, the home folder or the root), or None."""

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .io import atomic_dir, atomic_file, atomic_write_text, inside, protected
-from .run_folder import MARKER, mark_owned, owner
+from .run_folder import MARKER, mark_owned, owner, stray
 
 COMMONSENSE = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
 LLM_ADAPTERS_DIR = Path("data/llm-adapters")
@@ -136,8 +136,7 @@ def check_out(out: Path, source: str | Path | None, kind: str, replaced: Iterabl
         reason = f"it holds the source {source}"
     if reason is None and out.is_dir() and any(out.iterdir()) and owner(out) != kind:
         reason = f"it is not empty and `moela data {kind.removeprefix('data-')}` did not create it"
-    other = next((e for e in sorted(out.iterdir()) if e.name not in {MARKER, *replaced}), None) \
-        if reason is None and replaced and out.is_dir() else None
+    other = stray(out, (MARKER, *replaced)) if reason is None and replaced else None
     if other is not None:
         reason = f"it holds {other}, which `moela data` did not write (move it out first)"
     if reason:

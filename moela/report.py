@@ -84,7 +84,7 @@ def plan_grid(plan: AllocationPlan, kinds: Sequence[str] | None = None
     return depths, kinds, experts, ranks
 
 
-def _save_png(fig, path: str | Path) -> Path:
+def _save_figure(fig, path: str | Path) -> Path:
     """``fig`` saved atomically in the format ``path``'s suffix names (``.pdf``, ``.svg``, …), else PNG."""
     suffix = Path(path).suffix.lower().lstrip(".")
     with atomic_file(Path(path)) as tmp:
@@ -137,7 +137,7 @@ def plot_plan(plan: AllocationPlan, path: str | Path, model: nn.Module | None = 
     if model is not None:
         title += f" — {plan.num_trainable(model):,} trainable parameters"
     fig.suptitle(title, fontsize=12)
-    return _save_png(fig, path)
+    return _save_figure(fig, path)
 
 
 def plot_expert_load(routing: dict[str, Any], path: str | Path, title: str = "expert load") -> Path | None:
@@ -179,7 +179,7 @@ def plot_expert_load(routing: dict[str, Any], path: str | Path, title: str = "ex
     if any(np.isnan(g).any() for g in grids.values()):
         _no_adapter_legend(fig, "no such expert / module not routed")
     fig.suptitle(title, fontsize=12)
-    return _save_png(fig, path)
+    return _save_figure(fig, path)
 
 
 # --- baselines and warnings ---------------------------------------------------------------------------------------
@@ -603,7 +603,7 @@ def show(path: str | Path, model: nn.Module | None = None, plot: str | Path | No
         width = max(len(r["method"]) for r in runs) + 2
         lines = [f"compare folder {path}: {len(runs)} run(s)", "",
                  f"{'method':<{width}}{'seed':>5}{'trainable':>12}{'active/token':>14}{'accuracy':>10}  run folder"]
-        for row in runs:
+        for i, row in enumerate(runs):
             metrics = row.get("metrics") or {}
             accuracy = metrics.get("accuracy")
             lines.append(f"{row['method']:<{width}}{str(row.get('seed', metrics.get('seed', ''))):>5}"
@@ -611,7 +611,7 @@ def show(path: str | Path, model: nn.Module | None = None, plot: str | Path | No
                          f"{'' if row.get('active') is None else format(round(row['active']), ','):>14}"
                          f"{'' if accuracy is None else f'{100 * accuracy:.1f}%':>10}  {row['run_dir']}")
             if plot:
-                target = targets[runs.index(row)]
+                target = targets[i]
                 plot_plan(AllocationPlan.load(Path(row["run_dir"]) / "plan.json"), target, kinds=_shared_kinds(runs))
                 lines.append(f"{'':<{width}}heatmap: {target}")
         lines += ["", f"One run's plan: moela plan show {runs[0]['run_dir']}"]

@@ -1,7 +1,7 @@
 """The run folder's lifecycle: whose it is, who is using it, what its result depends on, and how it ended.
 
 - **Ownership.** moela writes the marker :data:`MARKER` into every folder it creates (run and comparison
-  folders here, export folders in :mod:`moela.export`), and deletes or writes into an existing non-empty folder
+  folders here, export folders in :mod:`moela.export`, data folders in :mod:`moela.prepare_data`), and deletes or writes into an existing non-empty folder
   only when the marker is there: ``--overwrite`` deletes only what moela wrote (:data:`WRITTEN`), and never a
   folder moela did not create, one holding anything else (:func:`foreign`), the current folder, one of its
   parents, or a folder holding the run's own inputs.
@@ -135,6 +135,13 @@ def foreign(folder: Path, kind: str | None = None) -> Path | None:
         if inner is not None:
             return inner
     return None
+
+
+def stray(folder: Path, written: Iterable[str]) -> Path | None:
+    """The first entry of ``folder`` (a folder moela replaces whole: an export, a ScienceQA copy) not among the
+    names moela ``written`` there, or None (also when ``folder`` does not exist)."""
+    names = set(written)
+    return next((e for e in sorted(folder.iterdir()) if e.name not in names), None) if folder.is_dir() else None
 
 
 def _clear(folder: Path) -> None:
